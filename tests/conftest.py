@@ -1,0 +1,47 @@
+"""Shared test fixtures. Models are built from configs with deterministic random weights;
+nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+REF = DATA / "opensora-ref"
+
+
+@pytest.fixture(scope="session")
+def ref_dir() -> Path:
+    return REF
+
+
+def fixture_stdit_preset():
+    """A preset whose transformer is the official reference vectors' small STDiT3."""
+    import dataclasses
+
+    from sorakit.presets import STDiT3Config, tiny_preset
+
+    cfg = json.loads((REF / "stdit3_small_keys.json").read_text())["config"]
+    stdit = STDiT3Config(
+        depth=cfg["depth"],
+        hidden_size=cfg["hidden_size"],
+        num_heads=cfg["num_heads"],
+        patch_size=tuple(cfg["patch_size"]),
+        in_channels=cfg["in_channels"],
+        pred_sigma=cfg["pred_sigma"],
+        caption_channels=cfg["caption_channels"],
+        model_max_length=cfg["model_max_length"],
+        qk_norm=cfg["qk_norm"],
+        input_sq_size=cfg["input_sq_size"],
+    )
+    return dataclasses.replace(tiny_preset(), name="fixture", stdit=stdit)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    from sorakit.export.models import TorchModels
+    from sorakit.presets import tiny_preset
+
+    return TorchModels.random(tiny_preset(), seed=0)
