@@ -228,9 +228,7 @@ def tiny_preset() -> ModelPreset:
     return ModelPreset(
         name="tiny",
         description="toy widths and depths of the Open-Sora 1.2 classes, random weights, for tests",
-        stdit=STDiT3Config(
-            depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=16
-        ),
+        stdit=STDiT3Config(depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=16),
         vae=VAEConfig(
             spatial=SpatialVAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
             temporal=TemporalVAEConfig(filters=16, num_res_blocks=1, num_groups=8),

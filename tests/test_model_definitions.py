@@ -75,10 +75,14 @@ def test_rope_interleaved_pairs_by_hand():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 3)
     out = apply_rope(x, cos, sin)[2]
     a, b = 2.0, 0.02
-    want = torch.tensor([
-        1 * math.cos(a) - 2 * math.sin(a), 2 * math.cos(a) + 1 * math.sin(a),
-        3 * math.cos(b) - 4 * math.sin(b), 4 * math.cos(b) + 3 * math.sin(b),
-    ])
+    want = torch.tensor(
+        [
+            1 * math.cos(a) - 2 * math.sin(a),
+            2 * math.cos(a) + 1 * math.sin(a),
+            3 * math.cos(b) - 4 * math.sin(b),
+            4 * math.cos(b) + 3 * math.sin(b),
+        ]
+    )
     assert torch.allclose(out, want, atol=1e-6)
     assert torch.equal(apply_rope(x, cos, sin)[0], x[0])  # position 0 is the identity
 
@@ -113,10 +117,10 @@ def test_blocks_build_on_their_own():
     full = models.randomized("transformer", preset, seed=3)
     blk = STDiT3Block(preset.stdit, temporal=True)
     prefix = "temporal_blocks.1."
-    blk.load_state_dict({k[len(prefix):]: v for k, v in full.state_dict().items() if k.startswith(prefix)})
+    blk.load_state_dict({k[len(prefix) :]: v for k, v in full.state_dict().items() if k.startswith(prefix)})
     layer = T5Layer(preset.t5)
     te = models.randomized("text_encoder", preset, seed=3).state_dict()
-    layer.load_state_dict({k[len("encoder.block.1."):]: v for k, v in te.items() if k.startswith("encoder.block.1.")})
+    layer.load_state_dict({k[len("encoder.block.1.") :]: v for k, v in te.items() if k.startswith("encoder.block.1.")})
     assert isinstance(full, STDiT3) and isinstance(models.build("vae", preset), OpenSoraVAE)
 
 

@@ -31,9 +31,7 @@ def run(model, data):
         return model(t["x"], t["timestep"], t["y"], t["mask"], None, t["fps"], t["height"], t["width"]).numpy()
 
 
-@pytest.mark.parametrize(
-    "name", ["stdit3_small_base", "stdit3_small_odd_hw", "stdit3_small_mask_per_sample_t_diff"]
-)
+@pytest.mark.parametrize("name", ["stdit3_small_base", "stdit3_small_odd_hw", "stdit3_small_mask_per_sample_t_diff"])
 def test_stdit3_matches_official(official_stdit, name):
     data = np.load(REF / f"{name}.npz")
     out = run(official_stdit, data)
@@ -79,5 +77,7 @@ def test_temporal_vae_decoder_matches_official():
     assert out.shape == (1, 4, 17, 8, 8)
     assert np.abs(out - data["output"]).max() <= TOL
     # every key the official model has (encoder too) exists in ours under the same name
-    official = {k["key"]: tuple(k["shape"]) for k in json.loads((REF / "vae_temporal_small_keys.json").read_text())["keys"]}
+    official = {
+        k["key"]: tuple(k["shape"]) for k in json.loads((REF / "vae_temporal_small_keys.json").read_text())["keys"]
+    }
     assert official == expected_shapes(vae)

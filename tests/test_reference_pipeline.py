@@ -41,7 +41,7 @@ def test_per_layer_t5_equals_transformers(tiny_models):
             _, i, rest = k.split(".", 2)
             mapped[k] = sd[f"encoder.block.{i}.{rest}"]
         else:
-            mapped[k] = sd["encoder." + k[len("final."):]]
+            mapped[k] = sd["encoder." + k[len("final.") :]]
     stack.load_state_dict(mapped)
     ids = torch.randint(3, 40, (2, 16), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 16, dtype=torch.long)

@@ -55,8 +55,14 @@ def toy_np(z_in, t, step):
 def test_toy_trajectory_torch_and_numpy():
     d = np.load(REF / "rflow_toy_trajectory_128x128_17f.npz")
     steps = []
-    z = torch_sample(toy_torch, torch.from_numpy(d["z0"]), height=128, width=128, cfg=SamplerConfig(),
-                     callback=lambda i, z: steps.append(z.numpy()))
+    z = torch_sample(
+        toy_torch,
+        torch.from_numpy(d["z0"]),
+        height=128,
+        width=128,
+        cfg=SamplerConfig(),
+        callback=lambda i, z: steps.append(z.numpy()),
+    )
     for i, (got, want) in enumerate(zip(steps, d["z_per_step"][1:])):
         assert np.abs(got - want).max() <= 1e-4, f"torch sampler diverges at step {i}"
     assert np.abs(z.numpy() - d["z_final"]).max() <= 1e-4

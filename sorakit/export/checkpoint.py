@@ -104,7 +104,7 @@ class Checkpoint:
     def read_prefix(self, prefix: str, rename: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
         """Every tensor under ``prefix``, with the prefix stripped."""
         keys = [k for k in self.index if k.startswith(prefix)]
-        return {k[len(prefix):]: v for k, v in self.read(keys).items()}
+        return {k[len(prefix) :]: v for k, v in self.read(keys).items()}
 
     def _torch_file(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._torch_cache:

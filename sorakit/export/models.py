@@ -66,7 +66,13 @@ def config_fields(component: str, preset: ModelPreset) -> dict:
         }
     if component == "text_encoder":
         t = preset.t5
-        return {"d_model": t.d_model, "num_layers": t.num_layers, "num_heads": t.num_heads, "d_ff": t.d_ff, "d_kv": t.d_kv}
+        return {
+            "d_model": t.d_model,
+            "num_layers": t.num_layers,
+            "num_heads": t.num_heads,
+            "d_ff": t.d_ff,
+            "d_kv": t.d_kv,
+        }
     if component == "vae":
         return {"micro_frame_size": preset.vae.micro_frame_size}
     return {}

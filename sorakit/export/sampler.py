@@ -30,9 +30,7 @@ def timestep_transform(
     return ratio * tau / (1 + (ratio - 1) * tau) * cfg.num_timesteps
 
 
-def schedule(
-    cfg: SamplerConfig, num_steps: int, height: float, width: float, latent_frames: int
-) -> list[torch.Tensor]:
+def schedule(cfg: SamplerConfig, num_steps: int, height: float, width: float, latent_frames: int) -> list[torch.Tensor]:
     """The transformed timesteps, one [1] fp32 tensor per step."""
     raw = [(1.0 - i / num_steps) * cfg.num_timesteps for i in range(num_steps)]
     ts = [torch.tensor([t], dtype=torch.float32) for t in raw]

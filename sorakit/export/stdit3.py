@@ -174,9 +174,7 @@ class CaptionEmbedder(nn.Module):
         return self.y_proj(caption)
 
 
-def position_embedding_2d(
-    dim: int, h: int, w: int, scale: torch.Tensor, base_size: float
-) -> torch.Tensor:
+def position_embedding_2d(dim: int, h: int, w: int, scale: torch.Tensor, base_size: float) -> torch.Tensor:
     """Open-Sora's PositionEmbedding2D: [1, h*w, dim], column code first, each [sin, cos].
 
     ``scale`` is a tensor (sqrt(height*width)/input_sq_size) so pixel sizes can be graph inputs.

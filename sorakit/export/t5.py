@@ -107,7 +107,9 @@ class T5Embed(nn.Module):
         L = attention_mask.shape[1]
         pos = torch.arange(L, dtype=torch.long)
         buckets = relative_position_bucket(
-            pos[None, :] - pos[:, None], self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance
+            pos[None, :] - pos[:, None],
+            self.cfg.relative_attention_num_buckets,
+            self.cfg.relative_attention_max_distance,
         )
         bias = self.layer0.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # [1,H,L,L]
         pad = (1.0 - attention_mask.to(torch.float32))[:, None, None, :] * MASK_MIN
@@ -120,7 +122,9 @@ class T5Embed(nn.Module):
     @staticmethod
     def checkpoint_keys(lookup_outside: bool = False) -> dict[str, str]:
         """module key -> checkpoint key."""
-        keys = {"layer0.relative_attention_bias.weight": "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"}
+        keys = {
+            "layer0.relative_attention_bias.weight": "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        }
         if not lookup_outside:
             keys["shared.weight"] = "shared.weight"
         return keys

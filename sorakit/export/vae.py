@@ -181,7 +181,7 @@ class TemporalVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         x = self.decoder(self.post_quant_conv(z))
-        return x[:, :, self.time_padding(num_frames):]
+        return x[:, :, self.time_padding(num_frames) :]
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,7 +260,10 @@ class OpenSoraVAE(nn.Module):
         x_z = self.spatial_vae.encode(x, generator, sample)
         step = self.cfg.micro_frame_size
         z = torch.cat(
-            [self.temporal_vae.encode(x_z[:, :, i : i + step], generator, sample) for i in range(0, x_z.shape[2], step)],
+            [
+                self.temporal_vae.encode(x_z[:, :, i : i + step], generator, sample)
+                for i in range(0, x_z.shape[2], step)
+            ],
             dim=2,
         )
         return (z - self.shift) / self.scale

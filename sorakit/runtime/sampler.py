@@ -58,7 +58,7 @@ class LPL:
 
     @staticmethod
     def parse(spec: str | None) -> LPL:
-        """"off", "15" / "fixed:15", "dynamic" or "dynamic:start=14,tol=1e-3,patience=3"."""
+        """ "off", "15" / "fixed:15", "dynamic" or "dynamic:start=14,tol=1e-3,patience=3"."""
         if spec is None or spec in ("", "off", "none", "0"):
             return LPL()
         if spec.isdigit():
@@ -70,8 +70,12 @@ class LPL:
             return LPL("fixed", leap_at=int(rest))
         if mode == "dynamic":
             kw = {}
-            names = {"start": ("start", int), "tol": ("tolerance", float), "tolerance": ("tolerance", float),
-                     "patience": ("patience", int)}
+            names = {
+                "start": ("start", int),
+                "tol": ("tolerance", float),
+                "tolerance": ("tolerance", float),
+                "patience": ("patience", int),
+            }
             for part in filter(None, rest.split(",")):
                 k, _, v = part.partition("=")
                 if k not in names:
@@ -82,7 +86,9 @@ class LPL:
                 except ValueError:
                     raise SorakitError(f"bad value for {k} in --lpl {spec!r}") from None
             return LPL("dynamic", **kw)
-        raise SorakitError(f"unknown LPL setting {spec!r}: use off, N, fixed:N or dynamic[:start=..,tol=..,patience=..]")
+        raise SorakitError(
+            f"unknown LPL setting {spec!r}: use off, N, fixed:N or dynamic[:start=..,tol=..,patience=..]"
+        )
 
     def validate(self, num_steps: int) -> None:
         if self.mode == "fixed" and not 0 <= self.leap_at < num_steps:
