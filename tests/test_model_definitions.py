@@ -72,8 +72,8 @@ def test_rope_interleaved_pairs_by_hand():
     # head dim 4: freqs = [1, 1/100]; position 2 rotates pair (0,1) by 2 rad and (2,3) by 0.02 rad
     freqs = 1.0 / (10000 ** (torch.arange(0, 4, 2).float() / 4))
     cos, sin = rope_tables(freqs, torch.arange(3, dtype=torch.float32))
-    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 3)
-    out = apply_rope(x, cos, sin)[2]
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 3)[None, None]  # [N=1, heads=1, T=3, D=4]
+    out = apply_rope(x, cos, sin)[0, 0, 2]
     a, b = 2.0, 0.02
     want = torch.tensor(
         [
@@ -84,7 +84,7 @@ def test_rope_interleaved_pairs_by_hand():
         ]
     )
     assert torch.allclose(out, want, atol=1e-6)
-    assert torch.equal(apply_rope(x, cos, sin)[0], x[0])  # position 0 is the identity
+    assert torch.equal(apply_rope(x, cos, sin)[0, 0, 0], x[0, 0, 0])  # position 0 is the identity
 
 
 def test_position_embedding_width_code_first_sin_then_cos():

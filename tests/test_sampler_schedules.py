@@ -46,7 +46,7 @@ def toy_torch(z_in, t):
     return torch.cat([v, torch.zeros_like(v)], 1)
 
 
-def toy_np(z_in, t, step):
+def toy_np(z_in, t, step, active):
     c = np.array([1.0, -1.0], dtype=np.float32)[:, None, None, None, None]
     v = 0.5 * z_in + (t / 1000)[:, None, None, None, None] * c
     return np.concatenate([v, np.zeros_like(v)], 1)

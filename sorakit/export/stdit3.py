@@ -33,6 +33,14 @@ PAD_BIAS = -1.0e4  # additive attention bias for padded text tokens; exp(-1e4) =
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
+def dims(t: torch.Tensor) -> tuple[int, ...]:
+    """A tensor's sizes as Python ints while the TorchScript exporter traces (static graphs get
+    constants, and the -1 written in reshapes survives), as-is otherwise (symbolic in dynamo)."""
+    if torch.jit.is_tracing():
+        return tuple(int(d) for d in t.shape)
+    return tuple(t.shape)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -54,17 +62,24 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> to
 
 def rope_tables(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed-sin tables [T, head_dim] for interleaved-pair RoPE at float positions."""
+    half = dims(freqs)[0]
     angles = positions.to(freqs.dtype)[:, None] * freqs[None, :]  # [T, D/2]
-    angles = angles.repeat_interleave(2, dim=-1)  # (f0, f0, f1, f1, ...)
-    sign = torch.tensor([-1.0, 1.0], dtype=angles.dtype).repeat(freqs.shape[0])  # [D]
-    return angles.cos(), angles.sin() * sign
+    angles = torch.stack([angles, angles], dim=2).reshape(-1, 2 * half)  # (f0, f0, f1, f1, ...)
+    sin = angles.sin()
+    sin_signed = torch.stack([-sin[:, 0::2], sin[:, 1::2]], dim=2).reshape(-1, 2 * half)
+    return angles.cos(), sin_signed
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x [..., T, D]: pair (2i, 2i+1) -> (x0 cos - x1 sin, x1 cos + x0 sin)."""
-    pairs = x.unflatten(-1, (-1, 2))  # [..., T, D/2, 2]
-    x0, x1 = pairs.chunk(2, dim=-1)
-    swapped = torch.cat((x1, x0), dim=-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    """x [N, heads, T, D]: pair (2i, 2i+1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
+
+    Positive axes only (the TorchScript exporter mis-handles negative ones when it loses a
+    rank), and T written as -1 so a graph pass may change the frame count.
+    """
+    shape = dims(x)
+    pairs = x.reshape(shape[0], shape[1], -1, shape[3] // 2, 2)  # [N, heads, T, D/2, 2]
+    x0, x1 = pairs.chunk(2, dim=4)
+    swapped = torch.cat((x1, x0), dim=4).reshape(shape[0], shape[1], -1, shape[3])  # (x1, x0, x3, x2, ...)
     return x * cos + swapped * sin_signed
 
 
@@ -128,14 +143,14 @@ class PatchEmbed3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pt, ph, pw = self.patch_size
-        B, Cin, T, H, W = x.shape
+        B, Cin, T, H, W = dims(x)
         if W % pw:
             x = F.pad(x, (0, pw - W % pw))
         if H % ph:
             x = F.pad(x, (0, 0, 0, ph - H % ph))
         if T % pt:
             x = F.pad(x, (0, 0, 0, 0, 0, pt - T % pt))
-        Tp, Hp, Wp = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
+        Tp, Hp, Wp = dims(x)[2] // pt, dims(x)[3] // ph, dims(x)[4] // pw
         if pt != 1:
             return self.proj(x).flatten(3).permute(0, 2, 3, 1)  # [B, T, S, C]
         x = x.permute(0, 2, 3, 4, 1).reshape(B * Tp, Hp, ph, Wp, pw * Cin)  # [BT, H', ph, W', pw*c]
@@ -215,12 +230,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def _rows(self, x: torch.Tensor) -> tuple[int, int]:
-        n, length = x.shape[0], x.shape[1]
+        n, length = dims(x)[:2]
         return (-1, length) if self.frames_axis == "N" else (n, -1)
 
     def forward(self, x, rope_cos=None, rope_sin=None):
         n, length = self._rows(x)
-        C = x.shape[-1]
+        C = dims(x)[-1]
         qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [N, heads, L, D]
         q, k = self.q_norm(q), self.k_norm(k)
@@ -228,7 +243,7 @@ class Attention(nn.Module):
             q = apply_rope(q, rope_cos, rope_sin)
             k = apply_rope(k, rope_cos, rope_sin)
         q = q * self.scale
-        attn = (q @ k.transpose(-2, -1)).float().softmax(dim=-1).to(v.dtype)
+        attn = (q @ k.transpose(2, 3)).float().softmax(dim=-1).to(v.dtype)
         out = (attn @ v).transpose(1, 2).reshape(n, length, C)
         return self.proj(out)
 
@@ -246,11 +261,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, y_bias: torch.Tensor) -> torch.Tensor:
         # x [B,T,S,C] queries, y [B,L,C] text, y_bias [B,1,1,L]
-        B, _, S, C = x.shape
+        B, _, S, C = dims(x)
         q = self.q_linear(x.reshape(B, -1, C)).reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv_linear(y).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # [B, heads, L, D]
-        attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + y_bias
+        attn = (q * self.head_dim**-0.5) @ k.transpose(2, 3) + y_bias
         attn = attn.float().softmax(dim=-1).to(v.dtype)
         out = (attn @ v).transpose(1, 2).reshape(B, -1, C)
         return self.proj(out).reshape(B, -1, S, C)
@@ -274,13 +289,13 @@ class STDiT3Block(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, C) / C**0.5)
 
     def modulation(self, t_mlp: torch.Tensor) -> list[torch.Tensor]:
-        B, C = t_mlp.shape[0], self.scale_shift_table.shape[1]
+        B, C = dims(t_mlp)[0], self.scale_shift_table.shape[1]
         mods = self.scale_shift_table[None] + t_mlp.reshape(B, 6, C)
         return [m[:, :, None, :] for m in mods.chunk(6, dim=1)]  # six [B,1,1,C]
 
     def self_attention(self, h: torch.Tensor, rope=None) -> torch.Tensor:
         """The attention on modulated tokens h [B,T,S,C] (the part TDTM merges)."""
-        B, _, S, C = h.shape
+        B, _, S, C = dims(h)
         if self.temporal:
             seq = h.transpose(1, 2).reshape(B * S, -1, C)  # (B S) T C
             out = self.attn(seq, *(rope or (None, None)))
@@ -375,31 +390,31 @@ class STDiT3(nn.Module):
     # -- pieces the exporter also uses on their own --------------------------------------
     def grid(self, x_shape) -> tuple[int, int, int]:
         pt, ph, pw = self.config.patch_size
-        _, _, Tx, Hx, Wx = x_shape
+        Tx, Hx, Wx = (int(d) for d in x_shape[2:])  # python ints even while tracing (static export)
         return -(-Tx // pt), -(-Hx // ph), -(-Wx // pw)
 
     def embed_time(self, timestep: torch.Tensor, fps: torch.Tensor, B: int) -> torch.Tensor:
         fps = fps.reshape(-1).to(timestep.dtype)
-        if fps.shape[0] != B:
-            fps = fps.repeat(B // fps.shape[0])
+        if dims(fps)[0] != B:
+            fps = fps.repeat(B // dims(fps)[0])
         return self.t_embedder(timestep) + self.fps_embedder(fps)
 
     def prologue(self, x, timestep, y, mask, fps, height, width, x_mask=None) -> PrologueOutput:
         """Embed patches, time, fps and caption. y [B,1,L,Cy] or [B,L,Cy]; mask [n or B, L]."""
-        B = x.shape[0]
-        T, H, W = self.grid(x.shape)
+        B = dims(x)[0]
+        T, H, W = self.grid(dims(x))
         S = H * W
         base_size = float(round(S**0.5))
         scale = torch.sqrt(height.reshape(-1)[:1].float() * width.reshape(-1)[:1].float()) / self.config.input_sq_size
         pos = position_embedding_2d(self.config.hidden_size, H, W, scale, base_size).to(x.dtype)
 
-        y = y.reshape(B, y.shape[-2], y.shape[-1])
+        y = y.reshape(B, dims(y)[-2], dims(y)[-1])
         y = self.y_embedder(y)  # [B, L, C]
         if mask is None:
-            mask = torch.ones(B, y.shape[1], dtype=torch.int64)
-        mask = mask.reshape(-1, y.shape[1])
-        if mask.shape[0] != B:
-            mask = mask.repeat(B // mask.shape[0], 1)  # the null caption reuses the prompt's mask
+            mask = torch.ones(B, dims(y)[1], dtype=torch.int64)
+        mask = mask.reshape(-1, dims(y)[1])
+        if dims(mask)[0] != B:
+            mask = mask.repeat(B // dims(mask)[0], 1)  # the null caption reuses the prompt's mask
         y_bias = ((1.0 - mask.to(y.dtype)) * PAD_BIAS)[:, None, None, :]
 
         t = self.embed_time(timestep, fps, B)
@@ -418,7 +433,6 @@ class STDiT3(nn.Module):
 
     def epilogue(self, x, t, out_size, x_mask=None, t0=None) -> torch.Tensor:
         """Final layer and unpatchify; crop back to out_size = (Tx, Hx, Wx). -> [B,Cout,Tx,Hx,Wx]."""
-        B, T, S, _ = x.shape
         x = self.final_layer(x, t, x_mask, t0)  # [B, T, S, pt*ph*pw*Cout]
         return unpatchify(x, self.config.patch_size, self.config.out_channels, out_size)
 
@@ -457,7 +471,7 @@ def unpatchify(x: torch.Tensor, patch_size, out_channels: int, out_size) -> torc
     """
     pt, ph, pw = patch_size
     Tx, Hx, Wx = out_size
-    B, T, C = x.shape[0], x.shape[1], out_channels
+    B, T, C = dims(x)[0], dims(x)[1], out_channels
     H, W = -(-Hx // ph), -(-Wx // pw)
     if pt == 1:
         x = x.reshape(B * T, H, W, ph, pw * C).permute(0, 1, 3, 2, 4)  # [BT, H, ph, W, pw*C]

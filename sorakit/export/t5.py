@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sorakit.export.stdit3 import dims
 from sorakit.presets import T5Config
 
 MASK_MIN = torch.finfo(torch.float32).min  # what transformers adds for padded keys
@@ -104,7 +105,7 @@ class T5Embed(nn.Module):
         self.layer0 = _Bias(cfg)
 
     def position_bias(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        L = attention_mask.shape[1]
+        L = dims(attention_mask)[1]
         pos = torch.arange(L, dtype=torch.long)
         buckets = relative_position_bucket(
             pos[None, :] - pos[:, None],
@@ -141,9 +142,9 @@ class _SelfAttention(nn.Module):
         self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
 
     def forward(self, x: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
-        B, L, _ = x.shape
+        B, L, _ = dims(x)
         q, k, v = (p(x).reshape(B, L, self.num_heads, self.d_kv).transpose(1, 2) for p in (self.q, self.k, self.v))
-        scores = q @ k.transpose(-2, -1) + position_bias  # T5 does not scale by 1/sqrt(d)
+        scores = q @ k.transpose(2, 3) + position_bias  # T5 does not scale by 1/sqrt(d)
         attn = scores.float().softmax(dim=-1).to(v.dtype)
         return self.o((attn @ v).transpose(1, 2).reshape(B, L, -1))
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sorakit.export.stdit3 import dims
 from sorakit.presets import SpatialVAEConfig, TemporalVAEConfig, VAEConfig, decode_chunks, latent_frames_of_chunk
 
 
@@ -52,7 +53,7 @@ class ResBlock(nn.Module):
 
 def depth_to_time(x: torch.Tensor, ts: int) -> torch.Tensor:
     """'B (C ts) T H W -> B C (T ts) H W' with channels major, in rank <= 5 steps."""
-    B, Cts, T, H, W = x.shape
+    B, Cts, T, H, W = dims(x)
     C = Cts // ts
     x = x.reshape(B * C, ts, T, H * W).transpose(1, 2)  # [B*C, T, ts, HW]
     return x.reshape(B, C, T * ts, H, W)

@@ -105,8 +105,8 @@ class SampleReport:
     timesteps: list[float] = field(default_factory=list)
 
 
-# velocity_fn(z_in [2k, C, T, h, w], t [2k], step) -> model output [2k, Cout, T, h, w]
-VelocityFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+# velocity_fn(z_in [2k, C, T, h, w], t [2k], step, active sample indices [k]) -> output [2k, Cout, T, h, w]
+VelocityFn = Callable[[np.ndarray, np.ndarray, int, np.ndarray], np.ndarray]
 
 
 def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -141,7 +141,7 @@ def rflow_sample(
             break
         za = z[active]
         t_in = np.full(2 * active.size, t, dtype=np.float32)
-        out = model(np.concatenate([za, za]), t_in, i)[:, :C]
+        out = model(np.concatenate([za, za]), t_in, i, active)[:, :C]
         report.model_calls += 1
         v_cond, v_uncond = out[: active.size], out[active.size :]
         v = (v_uncond + scale * (v_cond - v_uncond)).astype(np.float32)

@@ -1,0 +1,373 @@
+"""Text-to-video on ONNX Runtime: the embeddable pipeline. No torch.
+
+    from sorakit.runtime import Pipeline, save_video
+
+    pipe = Pipeline.from_bundle("bundle/", device="cpu", memory_budget="2GB")
+    result = pipe("a red circle moving right", steps=30, cfg=7.0, seed=0, lpl="15", tdtm_steps=10)
+    save_video(result.frames, "out.mp4")
+    print(result.timings)
+
+Every graph call goes through one CI-DL scheduler (``scheduler.py``); the sampler is numpy
+(``sampler.py``) and matches the torch reference step for step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sorakit.bundle.io import Bundle
+from sorakit.bundle.manifest import GraphEntry
+from sorakit.devices.profiles import DeviceProfile, get_profile, parse_bytes
+from sorakit.errors import SorakitError
+from sorakit.presets import ModelPreset, check_geometry, decode_chunks
+from sorakit.runtime.memory import available_memory
+from sorakit.runtime.sampler import LPL, SampleReport, initial_noise, rflow_sample, timestep_schedule, to_uint8_video
+from sorakit.runtime.scheduler import BlockScheduler, SchedulerStats
+from sorakit.runtime.session import SessionFactory, SessionOptions, plan_providers
+from sorakit.tokenizer import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    stage: str  # "text", "denoise", "decode"
+    index: int  # finished units of the stage
+    total: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Timings:
+    text_encoder: float = 0.0
+    transformer: float = 0.0
+    transformer_steps: list[float] = field(default_factory=list)
+    vae: float = 0.0
+    total: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # [F, H, W, 3] uint8, the first prompt's video
+    videos: np.ndarray  # [n, F, H, W, 3] uint8
+    video_float: np.ndarray  # [n, 3, F, H, W] decoder output
+    latents: np.ndarray  # [n, C, T, h, w] final latent
+    timings: Timings
+    sampling: SampleReport
+    memory: SchedulerStats
+    notes: list[str] = field(default_factory=list)  # truncation, unknown words, fallbacks
+
+
+class Pipeline:
+    """A loaded bundle ready to generate. Build it with ``Pipeline.from_bundle``."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | DeviceProfile = "cpu",
+        memory_budget: str | int | None = None,
+        strict: bool = False,
+        threads: int | None = None,
+        prefetch: bool = True,
+        verify: bool = True,
+    ):
+        self.bundle = bundle
+        m = bundle.manifest
+        self.manifest = m
+        self.preset = ModelPreset.from_dict(m.preset)
+        self.profile = get_profile(device) if isinstance(device, str) else device
+        self.providers = plan_providers(self.profile, strict)
+        threads = self.profile.threads if threads is None else threads
+        self.factory = SessionFactory(self.providers, SessionOptions(threads=threads, strict=strict))
+        self.budget = self._budget(memory_budget)
+        self.scheduler = BlockScheduler(bundle, self.factory, self.budget, prefetch)
+        missing = [c for c in ("text_encoder", "transformer", "vae") if c not in m.components]
+        if missing:
+            raise SorakitError(f"bundle {bundle.root} lacks components {missing}; export them to generate video")
+        self.te_graphs = m.components["text_encoder"].graphs
+        self.tr = {r: m.components["transformer"].by_role(r) for r in ("prologue", "block", "epilogue")}
+        self.vae_temporal = m.components["vae"].by_role("temporal")
+        self.vae_spatial = m.components["vae"].by_role("spatial")
+        if verify:
+            bundle.verify_all()
+        self.scheduler.check_budget(m.all_graphs())
+        tok = m.tokenizer
+        self.tokenizer = PromptTokenizer(bundle.path(tok["file"]), tok["max_length"], tok["pad_id"], tok["eos_id"])
+        self.null_caption = np.load(bundle.path(m.null_caption["file"])).astype(np.float32)
+        emb = m.components["text_encoder"].info.get("embedding_file")
+        self.embedding = np.load(bundle.path(emb), mmap_mode="r") if emb else None
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | Path,
+        device: str | DeviceProfile = "cpu",
+        memory_budget: str | int | None = None,
+        strict: bool = False,
+        threads: int | None = None,
+        prefetch: bool = True,
+        verify: bool = True,
+    ) -> Pipeline:
+        """Open a bundle directory; checksums are verified before any work unless ``verify=False``.
+
+        ``device`` names a profile (cpu, iphone-15-pro, mac, android); ``memory_budget`` is
+        bytes or a string like "2GB" or "40%" (of available memory), default the profile's;
+        "unlimited" keeps every graph resident.
+        """
+        return cls(Bundle.open(path, verify="lazy"), device, memory_budget, strict, threads, prefetch, verify)
+
+    def _budget(self, spec: str | int | None) -> int | None:
+        if spec in ("unlimited", "none", 0):
+            return None
+        if spec is None:
+            return self.profile.budget_bytes(available_memory())
+        return parse_bytes(spec, available_memory())
+
+    # -- geometry -------------------------------------------------------------------------------
+    def _geometry(self, height, width, num_frames) -> tuple[int, int, int]:
+        geo = self.manifest.geometry
+        height = height or geo.get("height") or self.preset.resolution[0]
+        width = width or geo.get("width") or self.preset.resolution[1]
+        num_frames = num_frames or geo.get("num_frames") or self.preset.num_frames
+        check_geometry(self.preset, num_frames, height, width)
+        if self.manifest.static and (height, width, num_frames) != (geo["height"], geo["width"], geo["num_frames"]):
+            raise SorakitError(
+                f"this bundle was exported with static shapes for {geo['height']}x{geo['width']}, "
+                f"{geo['num_frames']} frames; it cannot run {height}x{width}, {num_frames} frames",
+                hint="export a bundle for that size (sorakit export --resolution HxW --frames N) or a --dynamic one",
+            )
+        return height, width, num_frames
+
+    # -- text -----------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str], notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """-> y [n, L, D] (T5 output) and mask [n, L]."""
+        suffix = self.manifest.tokenizer.get("prompt_suffix", "")
+        batch = self.tokenizer([p + suffix for p in prompts])
+        for p, cut, unk in zip(prompts, batch.truncated, batch.unknown):
+            if cut:
+                notes.append(f"prompt truncated to {self.tokenizer.max_length} tokens: {p[:60]!r}...")
+            if unk:
+                notes.append(f"{unk} token(s) of {p[:60]!r} are unknown to the tokenizer")
+        outs = []
+        for i in range(len(prompts)):
+            ctx: dict[str, np.ndarray] = {"input_ids": batch.ids[i : i + 1], "attention_mask": batch.mask[i : i + 1]}
+            if self.embedding is not None:
+                ctx["inputs_embeds"] = np.ascontiguousarray(self.embedding[batch.ids[i : i + 1]], dtype=np.float32)
+            self.scheduler.run_chain(self.te_graphs, ctx, then=self._after_text())
+            outs.append(ctx["text"])
+        return np.concatenate(outs), batch.mask
+
+    def _after_text(self) -> GraphEntry | None:
+        return self.tr["prologue"][0] if self.tr["prologue"] else None
+
+    # -- transformer ----------------------------------------------------------------------------
+    def _blocks(self, tdtm: bool) -> list[GraphEntry]:
+        if not tdtm:
+            return self.tr["block"]
+        missing = [g.name for g in self.tr["block"] if "tdtm" not in g.variants]
+        if missing:
+            raise SorakitError(
+                f"tdtm_steps > 0 needs the bundle's TDTM variants, which {missing[0]} lacks",
+                hint="add them with: sorakit optimize BUNDLE --passes tdtm --out BUNDLE2",
+            )
+        return [g.variants["tdtm"] for g in self.tr["block"]]
+
+    def _step_chain(self, tdtm: bool) -> list[GraphEntry]:
+        return self.tr["prologue"] + self._blocks(tdtm) + self.tr["epilogue"]
+
+    def _velocity(self, y: np.ndarray, y_mask: np.ndarray, height: int, width: int, tdtm_steps: int,
+                  num_steps: int, on_step: Callable[[int, float], None]):
+        n = y.shape[0]
+        null = np.broadcast_to(self.null_caption[None], (1, *self.null_caption.shape)).astype(np.float32)
+        batch_dim = self.tr["prologue"][0].inputs[0].shape[0]
+        pairs = isinstance(batch_dim, int)  # static graphs take one prompt (a CFG pair) per call
+        fps = np.array([float(self.preset.sampler.fps)], dtype=np.float32)
+        hw = np.array([float(height)], dtype=np.float32), np.array([float(width)], dtype=np.float32)
+
+        def run(z_pair: np.ndarray, t_pair: np.ndarray, idx: np.ndarray, step: int) -> np.ndarray:
+            k = len(idx)
+            ctx = {
+                "x": np.ascontiguousarray(z_pair, dtype=np.float32),
+                "timestep": t_pair.astype(np.float32),
+                "y": np.concatenate([y[idx], np.repeat(null, k, 0)]).astype(np.float32),
+                "y_mask": np.concatenate([y_mask[idx], y_mask[idx]]).astype(np.int64),
+                "fps": fps,
+                "height": hw[0],
+                "width": hw[1],
+            }
+            chain = self._step_chain(step < tdtm_steps)
+            nxt = self._step_chain(step + 1 < tdtm_steps)[0] if step + 1 < num_steps else self.vae_temporal[0]
+            self.scheduler.run_chain(chain, ctx, then=nxt)
+            return ctx["velocity"]
+
+        def velocity(z_in: np.ndarray, t: np.ndarray, step: int, active: np.ndarray) -> np.ndarray:
+            t0 = time.perf_counter()
+            self._plan_usage(n_active=len(active), step=step, num_steps=num_steps, tdtm_steps=tdtm_steps)
+            k = len(active)
+            if not pairs:
+                out = run(z_in, t, active, step)
+            else:
+                outs = [run(z_in[[j, k + j]], t[[j, k + j]], active[j : j + 1], step) for j in range(k)]
+                out = np.concatenate([o[:1] for o in outs] + [o[1:] for o in outs])
+            on_step(step, time.perf_counter() - t0)
+            return out
+
+        return velocity
+
+    def _plan_usage(self, n_active: int, step: int, num_steps: int, tdtm_steps: int) -> None:
+        calls = n_active if isinstance(self.tr["prologue"][0].inputs[0].shape[0], int) else 1
+        left = num_steps - step
+        tdtm_left = max(0, tdtm_steps - step)
+        usage: dict[str, int] = {}
+        for g in self.tr["prologue"] + self.tr["epilogue"]:
+            usage[g.name] = left * calls
+        for g in self.tr["block"]:
+            usage[g.name] = (left - tdtm_left) * calls
+            if "tdtm" in g.variants:
+                usage[g.variants["tdtm"].name] = tdtm_left * calls
+        for g in self.vae_temporal + self.vae_spatial:
+            usage[g.name] = 1
+        order = self._step_chain(tdtm_left > 0) + (self._blocks(False) if tdtm_left else []) + self.vae_temporal \
+            + self.vae_spatial
+        self.scheduler.set_usage(usage, order)
+
+    # -- VAE ------------------------------------------------------------------------------------
+    def decode(self, z: np.ndarray, num_frames: int, on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Latent [n, C, T, h, w] -> video [n, 3, F, H, W]."""
+        info = self.manifest.components["vae"].info
+        chunks = decode_chunks(num_frames, info["micro_frame_size"], info["time_downsample"])
+        spatial_in = self.vae_spatial[0].inputs[0].shape[0]
+        batch = spatial_in if isinstance(spatial_in, int) else info.get("spatial_batch", 4)
+        n_batches = -(-num_frames // batch)
+        total, done = len(z) * (len(chunks) + n_batches), 0
+        videos = []
+        for s in range(len(z)):
+            parts, start = [], 0
+            for zt, _ in chunks:
+                ctx = {"z": np.ascontiguousarray(z[s : s + 1, :, start : start + zt])}
+                self.scheduler.run_chain(self.vae_temporal, ctx, then=self.vae_temporal[0])
+                parts.append(ctx["latent_frames"])
+                start += zt
+                done += 1
+                if on_progress:
+                    on_progress(done, total)
+            frames = np.concatenate(parts, axis=2)[0].transpose(1, 0, 2, 3)  # [F, C, h, w]
+            images = []
+            for b in range(0, num_frames, batch):
+                chunk = frames[b : b + batch]
+                real = len(chunk)
+                if real < batch:  # static batch: pad with copies of the last frame, drop them after
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, 0)])
+                ctx = {"frames": np.ascontiguousarray(chunk, dtype=np.float32)}
+                self.scheduler.run_chain(self.vae_spatial, ctx, then=self.vae_spatial[0])
+                images.append(ctx["video"][:real])
+                done += 1
+                if on_progress:
+                    on_progress(done, total)
+            videos.append(np.concatenate(images).transpose(1, 0, 2, 3))  # [3, F, H, W]
+        return np.stack(videos)
+
+    # -- the call -------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | list[str],
+        *,
+        steps: int | None = None,
+        cfg: float | None = None,
+        seed: int = 0,
+        lpl: str | LPL | None = None,
+        tdtm_steps: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        noise: np.ndarray | None = None,
+        callback: Callable[[Progress], None] | None = None,
+    ) -> GenerationResult:
+        """Generate one video per prompt.
+
+        ``steps``/``cfg`` default to the bundle's sampler settings (30, 7.0 for Open-Sora).
+        ``lpl``: None/"off", "15" (15 steps then a leap), "dynamic[:start=14,tol=1e-3,patience=3]".
+        ``tdtm_steps``: the first m steps use the TDTM block variants (needs ``sorakit optimize
+        --passes tdtm``). ``noise`` overrides the seeded initial latent.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise SorakitError("the prompt is empty; describe the video to generate")
+        height, width, num_frames = self._geometry(height, width, num_frames)
+        sampler = ModelPreset.from_dict(self.manifest.preset).sampler
+        steps = steps or int(self.manifest.sampler.get("num_steps", sampler.num_steps))
+        cfg = float(self.manifest.sampler.get("cfg_scale", sampler.cfg_scale) if cfg is None else cfg)
+        if steps < 1:
+            raise SorakitError(f"steps must be at least 1, got {steps}")
+        if tdtm_steps < 0 or tdtm_steps > steps:
+            raise SorakitError(f"tdtm_steps must be in [0, {steps}], got {tdtm_steps}")
+        lpl = lpl if isinstance(lpl, LPL) else LPL.parse(lpl)
+        lpl.validate(steps)
+        if tdtm_steps:
+            self._blocks(True)
+        notes = list(self.providers.fallbacks)
+        timings = Timings()
+        t_start = time.perf_counter()
+        self.scheduler.begin()
+        try:
+            def emit(stage, i, total, **info):
+                if callback:
+                    callback(Progress(stage, i, total, info))
+
+            # 1. text
+            emit("text", 0, len(prompts))
+            t0 = time.perf_counter()
+            y, mask = self.encode_prompts(prompts, notes)
+            timings.text_encoder = time.perf_counter() - t0
+            emit("text", len(prompts), len(prompts))
+
+            # 2. denoise
+            shape = (len(prompts), self.preset.stdit.in_channels, *self.preset.latent_size(num_frames, height, width))
+            z = initial_noise(seed, shape) if noise is None else np.asarray(noise, dtype=np.float32)
+            if z.shape != shape:
+                raise SorakitError(f"noise has shape {z.shape}, expected {shape}")
+            ts = timestep_schedule(sampler, steps, height, width, shape[2])
+
+            def on_step(step, seconds):
+                timings.transformer_steps.append(seconds)
+
+            vel = self._velocity(y, mask, height, width, tdtm_steps, steps, on_step)
+            t0 = time.perf_counter()
+            emit("denoise", 0, steps)
+            z, report = rflow_sample(vel, z, ts, cfg, lpl, sampler.num_timesteps,
+                                     on_step=lambda i, r: emit("denoise", i + 1, steps, calls=r.model_calls))
+            timings.transformer = time.perf_counter() - t0
+            emit("denoise", steps, steps, calls=report.model_calls)
+
+            # 3. decode
+            t0 = time.perf_counter()
+            self.scheduler.set_usage({g.name: 1 for g in self.vae_temporal + self.vae_spatial},
+                                     self.vae_temporal + self.vae_spatial)
+            video = self.decode(z, num_frames, lambda i, n: emit("decode", i, n))
+            timings.vae = time.perf_counter() - t0
+        except BaseException:
+            self.scheduler.cancel_prefetch()
+            raise
+        memory = self.scheduler.end()
+        timings.total = time.perf_counter() - t_start
+        videos = to_uint8_video(video)
+        return GenerationResult(videos[0], videos, video, z, timings, report, memory, notes)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

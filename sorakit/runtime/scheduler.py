@@ -1,0 +1,318 @@
+"""CI-DL: one scheduler runs every chain of block graphs under a memory budget.
+
+Concurrent Inference with Dynamic Loading (On-device Sora, section 3), done properly:
+
+* **Measured costs.** Each graph's resident cost is the RSS its session adds once it has
+  run (its weights paged in or repacked), and its working memory is the extra peak during a
+  run. Before a graph has run, its file size stands in.
+* **Residency by budget.** Graphs used most often in the current generation stay resident
+  across steps while the resident set, plus room to stream the rest two at a time, plus
+  the largest working memory, fits the budget. The set is recomputed whenever the usage
+  changes (e.g. the switch from TDTM to plain blocks), so it cannot drift.
+* **Prefetch.** While graph i runs, the next non-resident graph's session is built in a
+  background thread (ORT releases the GIL). A prefetch error is raised in the caller when
+  that graph is needed (or at the end of the call); a prefetch that is no longer wanted
+  is cancelled with ORT's load-cancellation flag.
+* **Accounting.** Loads, bytes loaded, load time hidden behind compute vs exposed, and the
+  peak RSS are reported per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sorakit.bundle.io import Bundle
+from sorakit.bundle.manifest import GraphEntry
+from sorakit.errors import BudgetError, SorakitError
+from sorakit.runtime.memory import PeakRSS, release_memory, rss_bytes
+from sorakit.runtime.session import SessionFactory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GraphCost:
+    file_bytes: int
+    resident: int | None = None  # measured RSS of the session after its first run
+    working: int | None = None  # measured extra peak during a run
+
+    @property
+    def estimate(self) -> int:
+        return self.resident if self.resident is not None else self.file_bytes
+
+
+@dataclass
+class SchedulerStats:
+    loads: int = 0
+    bytes_loaded: int = 0
+    load_seconds: float = 0.0
+    load_hidden: float = 0.0  # load time that overlapped compute
+    load_exposed: float = 0.0  # time the caller waited for a session
+    run_seconds: float = 0.0
+    prefetches: int = 0
+    prefetch_cancelled: int = 0
+    peak_rss: int = 0
+    base_rss: int = 0
+    resident: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Prefetch:
+    """A session being built in a background thread."""
+
+    def __init__(self, scheduler: BlockScheduler, graph: GraphEntry):
+        self.graph = graph
+        self.session = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.options = scheduler.factory.options()
+        self.seconds = 0.0
+        self.started = time.perf_counter()
+        self._scheduler = scheduler
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"prefetch-{graph.name}")
+        self.thread.start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.session = self._scheduler._create(self.graph, self.options)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            self.error = e
+        self.seconds = time.perf_counter() - t0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        try:
+            self.options.set_load_cancellation_flag(True)
+        except (AttributeError, RuntimeError):  # older onnxruntime: let it finish, then drop it
+            pass
+
+    def wait(self) -> float:
+        t0 = time.perf_counter()
+        self.thread.join()
+        return time.perf_counter() - t0
+
+
+class BlockScheduler:
+    def __init__(
+        self,
+        bundle: Bundle,
+        factory: SessionFactory,
+        budget: int | None = None,
+        prefetch: bool = True,
+    ):
+        self.bundle = bundle
+        self.factory = factory
+        self.budget = budget
+        self.prefetch_enabled = prefetch
+        self.sessions: dict[str, Any] = {}
+        self.costs: dict[str, GraphCost] = {}
+        self.resident: set[str] = set()
+        self.usage: dict[str, int] = {}
+        self.order: list[GraphEntry] = []
+        self._pending: _Prefetch | None = None
+        self._peak = PeakRSS()
+        self.stats = SchedulerStats()
+        for g in bundle.manifest.all_graphs():
+            self.costs[g.name] = GraphCost(sum(bundle.path(f).stat().st_size for f in g.files()))
+
+    # -- budget planning -----------------------------------------------------------------------
+    def working_estimate(self, g: GraphEntry) -> int:
+        c = self.costs[g.name]
+        if c.working is not None:
+            return c.working
+        io = 0
+        for t in g.inputs + g.outputs:
+            if all(isinstance(d, int) for d in t.shape):
+                io += int(np.prod(t.shape)) * (8 if t.dtype == "int64" else 4)
+        return 4 * io
+
+    def minimum_budget(self, graphs: list[GraphEntry]) -> int:
+        """The smallest budget that runs these graphs one at a time."""
+        return max(self.costs[g.name].estimate + self.working_estimate(g) for g in graphs)
+
+    def check_budget(self, graphs: list[GraphEntry]) -> None:
+        if self.budget is None:
+            return
+        need = self.minimum_budget(graphs)
+        if self.budget < need:
+            largest = max(graphs, key=lambda g: self.costs[g.name].estimate)
+            raise BudgetError(
+                f"memory budget {fmt_bytes(self.budget)} is below the largest block ({largest.name}, "
+                f"{fmt_bytes(self.costs[largest.name].estimate)} plus working memory); the smallest workable budget "
+                f"is about {fmt_bytes(need)}"
+            )
+
+    def set_usage(self, usage: dict[str, int], order: list[GraphEntry]) -> None:
+        """How often each graph will still run in this call, and in which order; re-plan residency."""
+        self.usage = dict(usage)
+        self.order = list(order)
+        self._plan()
+
+    def _plan(self) -> None:
+        names = [g.name for g in self.order]
+        by_name = {g.name: g for g in self.order}
+        if self.budget is None:
+            self.resident = set(names)
+        else:
+            working = max((self.working_estimate(by_name[n]) for n in names), default=0)
+            ranked = sorted(names, key=lambda n: (-self.usage.get(n, 0), names.index(n)))
+            chosen: list[str] = []
+            for n in ranked:
+                trial = chosen + [n]
+                streamed = [self.costs[m].estimate for m in names if m not in trial]
+                reserve = sum(sorted(streamed)[-2:]) if self.prefetch_enabled else max(streamed, default=0)
+                if sum(self.costs[m].estimate for m in trial) + reserve + working <= self.budget:
+                    chosen = trial
+            self.resident = set(chosen)
+        for name in [n for n in self.sessions if n not in self.resident]:
+            self._release(name)
+        self.stats.resident = sorted(self.resident, key=lambda n: names.index(n) if n in names else 0)
+
+    # -- sessions -------------------------------------------------------------------------------
+    def _create(self, g: GraphEntry, options=None):
+        self.bundle.verify_graph_files(g)
+        return self.factory.create(self.bundle.path(g.file), options)
+
+    def _acquire(self, g: GraphEntry):
+        if g.name in self.sessions:
+            return self.sessions[g.name]
+        p = self._pending
+        if p is not None and p.graph.name == g.name:
+            waited = p.wait()
+            self._pending = None
+            if p.error is not None:
+                raise p.error
+            self.stats.load_exposed += waited
+            self.stats.load_hidden += max(0.0, p.seconds - waited)
+            self._count_load(g, p.seconds)
+            self.sessions[g.name] = p.session
+            return p.session
+        t0 = time.perf_counter()
+        sess = self._create(g)
+        dt = time.perf_counter() - t0
+        self.stats.load_exposed += dt
+        self._count_load(g, dt)
+        self.sessions[g.name] = sess
+        return sess
+
+    def _count_load(self, g: GraphEntry, seconds: float) -> None:
+        self.stats.loads += 1
+        self.stats.bytes_loaded += self.costs[g.name].file_bytes
+        self.stats.load_seconds += seconds
+
+    def _release(self, name: str) -> None:
+        sess = self.sessions.pop(name, None)
+        if sess is not None:
+            del sess
+            release_memory()
+
+    def _can_prefetch(self, g: GraphEntry, running: GraphEntry) -> bool:
+        if not self.prefetch_enabled or g.name in self.sessions:
+            return False
+        if self.costs[g.name].resident is None:
+            return False  # first load of a graph is measured alone, without a prefetch beside it
+        if self.budget is None:
+            return True
+        held = sum(self.costs[n].estimate for n in self.sessions)
+        extra = 0 if running.name in self.sessions else self.costs[running.name].estimate
+        return held + extra + self.costs[g.name].estimate + self.working_estimate(running) <= self.budget
+
+    def _start_prefetch(self, g: GraphEntry | None, running: GraphEntry) -> None:
+        if g is None or self._pending is not None or not self._can_prefetch(g, running):
+            return
+        self._pending = _Prefetch(self, g)
+        self.stats.prefetches += 1
+
+    def cancel_prefetch(self) -> None:
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        p.cancel()
+        p.thread.join()
+        self.stats.prefetch_cancelled += 1
+        if p.session is not None:
+            del p.session
+            release_memory()
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self, g: GraphEntry, ctx: dict[str, np.ndarray], then: GraphEntry | None = None) -> None:
+        """Run one graph on ``ctx`` (inputs by name, outputs written back), prefetching ``then``."""
+        first = self.costs[g.name].resident is None
+        if first:
+            release_memory()
+        before = rss_bytes()
+        sess = self._acquire(g)
+        self._start_prefetch(then, g)
+        feeds = {}
+        for t in g.inputs:
+            if t.name not in ctx:
+                raise SorakitError(f"graph {g.name} needs input {t.name!r}, which no earlier graph produced")
+            feeds[t.name] = ctx[t.name]
+        loaded = rss_bytes()
+        self._peak.reset()
+        t0 = time.perf_counter()
+        outs = sess.run([o.name for o in g.outputs], feeds)
+        self.stats.run_seconds += time.perf_counter() - t0
+        peak = self._peak.peak()
+        self.stats.peak_rss = max(self.stats.peak_rss, peak)
+        after = rss_bytes()
+        for o, v in zip(g.outputs, outs):
+            ctx[o.binds or o.name] = v
+        if first:
+            c = self.costs[g.name]
+            c.resident = max(after - before - sum(v.nbytes for v in outs), loaded - before, 0)
+            c.working = max(peak - after, 0)
+            if self.usage:
+                self._plan()
+        if g.name not in self.resident:
+            self._release(g.name)
+
+    def run_chain(self, graphs: list[GraphEntry], ctx: dict[str, np.ndarray], then: GraphEntry | None = None) -> None:
+        for i, g in enumerate(graphs):
+            self.run(g, ctx, graphs[i + 1] if i + 1 < len(graphs) else then)
+
+    # -- call boundaries ---------------------------------------------------------------------------
+    def begin(self) -> None:
+        self.stats = SchedulerStats(base_rss=rss_bytes())
+        self.stats.resident = sorted(self.resident)
+        self._peak.reset()
+
+    def end(self) -> SchedulerStats:
+        """Finish a call: cancel a prefetch nobody will use, surface prefetch errors."""
+        p, self._pending = self._pending, None
+        if p is not None:
+            finished = not p.thread.is_alive()
+            p.cancel()
+            p.thread.join()
+            self.stats.prefetch_cancelled += 1
+            if p.session is not None:
+                del p.session
+            if finished and p.error is not None:
+                raise p.error  # it failed on its own, before anyone cancelled it
+        for name in [n for n in self.sessions if n not in self.resident]:
+            self._release(name)
+        self.stats.peak_rss = max(self.stats.peak_rss, self._peak.peak())
+        return self.stats
+
+    def close(self) -> None:
+        self.cancel_prefetch()
+        for name in list(self.sessions):
+            self._release(name)
+        self.resident.clear()
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n}"
