@@ -266,8 +266,8 @@ def shapes_preset() -> ModelPreset:
             caption_to_time=True,
         ),
         vae=VAEConfig(
-            spatial=SpatialVAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16),
-            temporal=TemporalVAEConfig(filters=32, num_res_blocks=1, channel_multipliers=(1, 2, 2, 2), num_groups=16),
+            spatial=SpatialVAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
+            temporal=TemporalVAEConfig(filters=16, num_res_blocks=1, channel_multipliers=(1, 2, 2, 2), num_groups=8),
             shift=(0.0, 0.0, 0.0, 0.0),
             scale=(1.0, 1.0, 1.0, 1.0),
         ),

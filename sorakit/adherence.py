@@ -1,0 +1,263 @@
+"""Prompt adherence for the moving-shapes domain, measured from the frames alone (numpy only).
+
+Used by the training recipe (periodic evaluation), the tests and ``sorakit eval``. For one
+video and its prompt it answers two questions a person watching the clip would ask:
+
+* **colour**: is the moving object the prompt's colour? The background of every frame is
+  its per-channel median (the object covers well under half of the frame); object pixels are
+  the ones far from it; the object's colour is the median of its clearly-inside pixels over
+  all frames, named by the nearest palette colour. The neutral colours (black, grey, white)
+  are in the naming palette too, so a washed-out or grey blob does not pass as "red".
+* **direction**: does the object's centroid move the prompt's way? A least-squares line is
+  fitted to the centroid's x and y over the frames. The motion passes only if the dominant
+  axis and sign are the prompt's, the displacement over the clip is at least
+  ``MIN_DISPLACEMENT`` pixels, the other axis moves at most half as much, and the line
+  explains most of the motion (R^2 >= ``MIN_LINEARITY``), so jittering or jumping blobs fail.
+
+The vocabulary of the domain (colours, shapes, directions, backgrounds and their synonyms)
+lives here rather than in ``sorakit.train.data`` so that this module stays free of torch
+and the data generator can share it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# -- the domain's vocabulary --------------------------------------------------------------
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 80, 235),
+    "yellow": (240, 220, 40),
+    "magenta": (220, 50, 220),
+    "cyan": (40, 215, 230),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "black": (10, 10, 10),
+    "gray": (120, 120, 120),
+    "white": (245, 245, 245),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+DIRECTIONS: dict[str, tuple[int, int]] = {  # (dx, dy) in image coordinates (y grows downwards)
+    "left": (-1, 0),
+    "right": (1, 0),
+    "up": (0, -1),
+    "down": (0, 1),
+}
+# words a prompt may use for each attribute (the caption grammar uses all of them)
+COLOUR_WORDS = {c: (c,) for c in COLOURS}
+BACKGROUND_WORDS = {"black": ("black",), "gray": ("gray", "grey"), "white": ("white",)}
+SHAPE_WORDS = {
+    "circle": ("circle", "ball", "disc"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "diamond": ("diamond",),
+}
+DIRECTION_WORDS = {
+    "left": ("left", "leftwards", "leftward"),
+    "right": ("right", "rightwards", "rightward"),
+    "up": ("up", "upwards", "upward"),
+    "down": ("down", "downwards", "downward"),
+}
+
+# -- thresholds (pixels on a 64 x 64 clip scale with the frame size) ----------------------
+OBJECT_DISTANCE = 60.0  # RGB distance from the background that makes a pixel "object"
+CORE_DISTANCE = 110.0  # pixels this far out are inside the object (no edge blending)
+MIN_AREA_FRACTION = 0.002  # fewer object pixels than this fraction of the frame: no object
+MIN_DISPLACEMENT_FRACTION = 0.125  # the move must cover 1/8 of the frame side (8 px at 64)
+MAX_CROSS_RATIO = 0.5  # the other axis may move at most half as far
+MIN_LINEARITY = 0.7  # R^2 of the straight-line fit along the dominant axis
+MIN_TRACKED_FRACTION = 0.6  # the object must be visible in this share of the frames
+
+NEUTRALS = {"black": (10, 10, 10), "gray": (120, 120, 120), "white": (245, 245, 245)}
+
+
+@dataclass(frozen=True)
+class PromptIntent:
+    colour: str | None
+    direction: str | None
+    shape: str | None = None
+    background: str | None = None
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def _find(words: list[str], table: dict[str, tuple[str, ...]], skip: set[int] | None = None) -> tuple[str | None, int]:
+    for i, w in enumerate(words):
+        if skip and i in skip:
+            continue
+        for name, synonyms in table.items():
+            if w in synonyms:
+                return name, i
+    return None, -1
+
+
+def parse_prompt(prompt: str) -> PromptIntent:
+    """The colour, direction, shape and background a prompt asks for (None if it names none).
+
+    The object's colour is the first colour word; the background is the colour word right
+    before "background" (so "a white square on a black background" is white on black).
+    """
+    words = _words(prompt)
+    background, bg_at = None, -1
+    for i, w in enumerate(words):
+        if w in ("background", "backdrop") and i > 0:
+            background, _ = _find([words[i - 1]], BACKGROUND_WORDS | {c: (c,) for c in COLOURS})
+            bg_at = i - 1 if background else -1
+    colour, _ = _find(words, {c: COLOUR_WORDS[c] for c in COLOURS}, skip={bg_at})
+    shape, _ = _find(words, SHAPE_WORDS)
+    direction, _ = _find(words, DIRECTION_WORDS)
+    return PromptIntent(colour, direction, shape, background)
+
+
+# -- measuring a video --------------------------------------------------------------------
+def background_colours(frames: np.ndarray) -> np.ndarray:
+    """Per-frame background colour [F, 3]: the per-channel median over the frame."""
+    flat = frames.reshape(frames.shape[0], -1, 3).astype(np.float32)
+    return np.median(flat, axis=1)
+
+
+def object_masks(frames: np.ndarray, threshold: float = OBJECT_DISTANCE) -> tuple[np.ndarray, np.ndarray]:
+    """(mask [F,H,W] of object pixels, distance [F,H,W] of every pixel from its background)."""
+    bg = background_colours(frames)
+    dist = np.linalg.norm(frames.astype(np.float32) - bg[:, None, None, :], axis=-1)
+    return dist > threshold, dist
+
+
+def name_colour(rgb: np.ndarray) -> str:
+    """Nearest palette colour name, neutrals included (so grey blobs are not "red")."""
+    palette = COLOURS | NEUTRALS
+    names = list(palette)
+    ref = np.array([palette[n] for n in names], dtype=np.float32)
+    return names[int(np.argmin(np.linalg.norm(ref - np.asarray(rgb, np.float32)[None], axis=1)))]
+
+
+def centroid_track(mask: np.ndarray) -> np.ndarray:
+    """Object centroid (x, y) per frame [F, 2]; NaN where the frame shows no object."""
+    F, H, W = mask.shape
+    min_area = max(4, int(MIN_AREA_FRACTION * H * W))
+    ys, xs = np.mgrid[0:H, 0:W]
+    track = np.full((F, 2), np.nan, dtype=np.float64)
+    for f in range(F):
+        m = mask[f]
+        n = int(m.sum())
+        if n >= min_area:
+            track[f] = (xs[m].mean(), ys[m].mean())
+    return track
+
+
+def _line_fit(t: np.ndarray, v: np.ndarray) -> tuple[float, float]:
+    """(slope, R^2) of a least-squares line v ~ a t + b."""
+    a, b = np.polyfit(t, v, 1)
+    resid = v - (a * t + b)
+    total = float(((v - v.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid**2).sum()) / total if total > 1e-9 else 0.0
+    return float(a), r2
+
+
+def measure_motion(mask: np.ndarray) -> dict:
+    """Direction of the centroid's motion with the evidence behind it."""
+    F, H, W = mask.shape
+    track = centroid_track(mask)
+    ok = ~np.isnan(track[:, 0])
+    out = {"direction": None, "displacement": (0.0, 0.0), "linearity": 0.0, "tracked": float(ok.mean())}
+    if ok.mean() < MIN_TRACKED_FRACTION or ok.sum() < 3:
+        return out
+    t = np.arange(F, dtype=np.float64)[ok]
+    (ax, r2x), (ay, r2y) = _line_fit(t, track[ok, 0]), _line_fit(t, track[ok, 1])
+    dx, dy = ax * (F - 1), ay * (F - 1)
+    out["displacement"] = (dx, dy)
+    horizontal = abs(dx) >= abs(dy)
+    main, cross, r2 = (dx, dy, r2x) if horizontal else (dy, dx, r2y)
+    out["linearity"] = r2
+    side = min(H, W)
+    if abs(main) < MIN_DISPLACEMENT_FRACTION * side or abs(cross) > MAX_CROSS_RATIO * abs(main) or r2 < MIN_LINEARITY:
+        return out
+    if horizontal:
+        out["direction"] = "right" if main > 0 else "left"
+    else:
+        out["direction"] = "down" if main > 0 else "up"
+    return out
+
+
+def measure_colour(frames: np.ndarray, dist: np.ndarray, mask: np.ndarray) -> str | None:
+    core = dist > CORE_DISTANCE
+    if core.sum() < 4:
+        core = mask
+    if core.sum() < 4:
+        return None
+    return name_colour(np.median(frames[core].astype(np.float32), axis=0))
+
+
+def score_video(frames: np.ndarray, prompt: str) -> dict:
+    """Score one video [F,H,W,3] uint8 against its prompt.
+
+    Returns colour_ok, direction_ok, the measured colour and direction, the prompt's intent
+    and the motion evidence (displacement in pixels over the clip, R^2, tracked share).
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames [F,H,W,3], got {frames.shape}")
+    intent = parse_prompt(prompt)
+    mask, dist = object_masks(frames)
+    colour = measure_colour(frames, dist, mask)
+    motion = measure_motion(mask)
+    return {
+        "prompt": prompt,
+        "want_colour": intent.colour,
+        "want_direction": intent.direction,
+        "colour": colour,
+        "direction": motion["direction"],
+        "colour_ok": intent.colour is not None and colour == intent.colour,
+        "direction_ok": intent.direction is not None and motion["direction"] == intent.direction,
+        "displacement": [round(float(v), 2) for v in motion["displacement"]],
+        "linearity": round(float(motion["linearity"]), 3),
+        "tracked": round(float(motion["tracked"]), 3),
+    }
+
+
+def score_set(videos: Sequence[np.ndarray] | np.ndarray, prompts: Sequence[str]) -> dict:
+    """Score videos [n,F,H,W,3] against their prompts: accuracies and per-prompt results."""
+    if len(videos) != len(prompts):
+        raise ValueError(f"{len(videos)} videos for {len(prompts)} prompts")
+    per = [score_video(v, p) for v, p in zip(videos, prompts)]
+    n = max(len(per), 1)
+    return {
+        "colour_acc": sum(r["colour_ok"] for r in per) / n,
+        "direction_acc": sum(r["direction_ok"] for r in per) / n,
+        "both_acc": sum(r["colour_ok"] and r["direction_ok"] for r in per) / n,
+        "n": len(per),
+        "per_prompt": per,
+    }
+
+
+# -- the fixed evaluation set -------------------------------------------------------------
+def _eval_prompts() -> list[str]:
+    """24 prompts: every colour with every direction, shapes and wordings rotating."""
+    colours = list(COLOURS)
+    directions = list(DIRECTIONS)
+    backgrounds = [None, "black", "gray", "white"]
+    prompts = []
+    for i in range(24):
+        colour, direction = colours[i // 4], directions[i % 4]
+        shape = SHAPES[(i + i // 4) % len(SHAPES)]
+        bg = backgrounds[(i // 4 + i) % len(backgrounds)]
+        text = f"a {colour} {shape} moving {direction}"
+        if bg is not None:
+            text += f" on a {bg} background"
+        prompts.append(text)
+    return prompts
+
+
+EVAL_PROMPTS: tuple[str, ...] = tuple(_eval_prompts())
+EVAL_SEED = 0  # the 24 prompts are generated as one batch from this seed
+EVAL_STEPS = 30
+EVAL_CFG = 7.0
+TARGET_COLOUR_ACC = 0.85
+TARGET_DIRECTION_ACC = 0.75

@@ -1,0 +1,723 @@
+"""The training recipe of the shipped ``shapes`` model: data -> tokenizer -> VAE -> T5 + STDiT3.
+
+Stages (each seeded from the recipe seed, so a run is reproducible on the same machine):
+
+1. **data**: ``num_clips`` clips of the moving-shapes generator (``sorakit.train.data``).
+2. **tokenizer**: word-level, trained on the caption grammar (``sorakit.train.tokenizer``).
+3. **spatial VAE** (diffusers AutoencoderKL): trained on single frames, L1 + MSE with the
+   object's pixels weighted up (the object is ~5 % of a frame, and its colour is what the
+   prompt names), plus a tiny KL.
+4. **temporal VAE** (causal 3-D conv VAE): trained on the frozen spatial VAE's latents of
+   whole clips, latent MSE plus a pixel loss through the frozen spatial decoder on a few
+   frames per clip, so errors are judged where they show.
+5. **latents**: every clip is encoded once (posterior mean and std are kept, a fresh sample
+   is drawn each time a clip is used); the per-channel mean/std of the latents become the
+   VAE's ``shift``/``scale`` so the DiT sees unit-variance latents.
+6. **DiT**: T5 and STDiT3 trained together with Open-Sora 1.2's rectified flow: t drawn
+   logit-normal (sigmoid of a standard normal) and pushed through the same timestep
+   transform the sampler uses, x_t = (1 - t) x0 + t eps, target v = x0 - eps, MSE on the
+   first 4 output channels, 10 % caption dropout to the null caption (for CFG).
+   Batches hold every direction equally often; an EMA of the weights is what is evaluated
+   and shipped. Every ``eval_every`` steps the EMA model samples the 24 evaluation prompts
+   with the torch reference sampler and is scored with ``sorakit.adherence``.
+7. **export**: fp16 safetensors per component (the VAE's shift/scale stay fp32) with the
+   keys ``sorakit.export.models.load`` expects, tokenizer.json and training.json; the final
+   adherence is measured on the reloaded, fp16-rounded files.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sorakit.adherence import EVAL_CFG, EVAL_PROMPTS, EVAL_SEED, EVAL_STEPS, score_set
+from sorakit.export.models import TorchModels, build, save_checkpoint
+from sorakit.export.reference import ReferencePipeline
+from sorakit.export.sampler import timestep_transform
+from sorakit.presets import ModelPreset, SpatialVAEConfig, STDiT3Config, T5Config, TemporalVAEConfig, VAEConfig
+from sorakit.presets import shapes_preset as default_shapes_preset
+from sorakit.tokenizer import PromptTokenizer
+from sorakit.train import data as shapes_data
+from sorakit.train.tokenizer import train_tokenizer
+
+
+@dataclass
+class RecipeConfig:
+    seed: int = 0
+    num_clips: int = 3200
+    threads: int = 2
+    # spatial VAE (frames)
+    spatial_steps: int = 500
+    spatial_batch: int = 16
+    spatial_lr: float = 6e-4
+    object_weight: float = 9.0  # extra loss weight on pixels that are not background
+    kl_weight: float = 1e-7
+    # temporal VAE (clips of spatial latents)
+    temporal_steps: int = 400
+    temporal_batch: int = 8
+    temporal_pixel_frames: int = 2  # frames per clip decoded for the pixel loss
+    temporal_lr: float = 6e-4
+    encode_batch: int = 64  # frames per spatial-encoder call when encoding the data set
+    # DiT + T5
+    dit_steps: int = 2200
+    dit_batch: int = 32
+    dit_lr: float = 5e-4
+    dit_warmup: int = 200
+    dit_decay_from: float = 0.6  # cosine decay to 10 % over the last 40 % of the steps
+    ema_decay: float = 0.998
+    caption_dropout: float = 0.1
+    grad_clip: float = 1.0
+    # evaluation
+    eval_every: int = 550
+    eval_prompts: int = 24
+    eval_steps: int = EVAL_STEPS
+    eval_cfg: float = EVAL_CFG
+    eval_seed: int = EVAL_SEED
+    minutes: float | None = None  # optional wall-clock cap on the DiT stage (breaks exact reproducibility)
+    log_every: int = 50
+    extra: dict = field(default_factory=dict)
+
+
+def tiny_config() -> RecipeConfig:
+    """A handful of steps on a handful of clips: for the end-to-end test."""
+    return RecipeConfig(
+        num_clips=16,
+        spatial_steps=2,
+        spatial_batch=4,
+        temporal_steps=2,
+        temporal_batch=2,
+        temporal_pixel_frames=1,
+        dit_steps=3,
+        dit_batch=4,
+        dit_warmup=1,
+        eval_every=3,
+        eval_prompts=4,
+        eval_steps=2,
+        log_every=1,
+    )
+
+
+def tiny_shapes_preset() -> ModelPreset:
+    """The shapes preset at toy sizes (same classes, same geometry) for the end-to-end test."""
+    base = default_shapes_preset()
+    return dataclasses.replace(
+        base,
+        name="shapes-tiny",
+        stdit=STDiT3Config(
+            depth=1, hidden_size=32, num_heads=2, caption_channels=32, model_max_length=24, caption_to_time=True
+        ),
+        vae=VAEConfig(
+            spatial=SpatialVAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
+            temporal=TemporalVAEConfig(filters=8, num_res_blocks=1, channel_multipliers=(1, 1, 1, 1), num_groups=4),
+            shift=(0.0,) * 4,
+            scale=(1.0,) * 4,
+        ),
+        t5=T5Config(vocab_size=128, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2, max_length=24),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# logging
+# ---------------------------------------------------------------------------------------
+class Logger:
+    """Console lines plus a JSON log of every stage's measurements."""
+
+    def __init__(self, path: Path, quiet: bool = False):
+        from rich.console import Console
+
+        self.path = path
+        self.console = Console(file=sys.stdout, highlight=False)
+        self.quiet = quiet
+        self.t0 = time.time()
+        self.record: dict = {"stages": {}, "events": []}
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            self.console.print(f"[{self.elapsed() / 60:6.1f} min] {msg}")
+
+    def event(self, stage: str, **values) -> None:
+        self.record["events"].append({"stage": stage, "t": round(self.elapsed(), 1), **values})
+        self.flush()
+
+    def stage(self, name: str, **values) -> None:
+        self.record["stages"].setdefault(name, {}).update(values)
+        self.flush()
+
+    def flush(self) -> None:
+        self.path.write_text(json.dumps(self.record, indent=1, default=float))
+
+    def progress(self, total: int, description: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        prog = Progress(
+            TextColumn(description),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=self.quiet or not self.console.is_terminal,
+        )
+        task = prog.add_task(description, total=total, info="")
+        return prog, task
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, decay_from: float = 1.0) -> float:
+    """Linear warm-up, constant, then cosine decay to 10 % from ``decay_from`` of the run."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    start = int(total * decay_from)
+    if step < start or total <= start:
+        return base
+    p = (step - start) / max(total - start, 1)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def to_unit(frames_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames_uint8)).float().div(127.5).sub(1.0)
+    return x.movedim(-1, -3)
+
+
+def object_weights(x: torch.Tensor, extra: float) -> torch.Tensor:
+    """1 on background pixels, 1 + extra on object pixels. x [N,3,H,W] in [-1,1]."""
+    bg = x.flatten(2).median(dim=2).values[:, :, None, None]
+    obj = ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    return 1.0 + extra * obj
+
+
+def weighted_recon_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    err = rec - x
+    return ((err.abs() + err.pow(2)) * w).mean()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float((a.detach().clamp(-1, 1) - b).pow(2).mean())
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+# ---------------------------------------------------------------------------------------
+# VAE stages
+# ---------------------------------------------------------------------------------------
+def train_spatial_vae(vae: nn.Module, videos: np.ndarray, cfg: RecipeConfig, log: Logger) -> None:
+    """Frames in, frames out: L1 + MSE (object pixels weighted up) + a tiny KL."""
+    torch.manual_seed(cfg.seed + 11)
+    rng = np.random.default_rng([cfg.seed, 11])
+    ae = vae.spatial_vae.module.train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.spatial_lr, weight_decay=0.0)
+    N, Fr = videos.shape[:2]
+    prog, task = log.progress(cfg.spatial_steps, "spatial VAE")
+    history = []
+    with prog:
+        for step in range(cfg.spatial_steps):
+            set_lr(opt, lr_at(step, cfg.spatial_steps, cfg.spatial_lr, max(cfg.spatial_steps // 10, 1)))
+            clips, frames = rng.integers(N, size=cfg.spatial_batch), rng.integers(Fr, size=cfg.spatial_batch)
+            x = to_unit(videos[clips, frames])
+            post = ae.encode(x).latent_dist
+            rec = ae.decode(post.sample()).sample
+            rec_loss = weighted_recon_loss(rec, x, object_weights(x, cfg.object_weight))
+            kl = post.kl().mean()
+            loss = rec_loss + cfg.kl_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
+            opt.step()
+            history.append(rec_loss.item())
+            prog.update(task, advance=1, info=f"loss {rec_loss.item():.4f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.spatial_steps:
+                mean = float(np.mean(history[-cfg.log_every :]))
+                log.info(
+                    f"spatial VAE step {step + 1}/{cfg.spatial_steps} rec {mean:.4f} kl {kl.item():.1f} psnr {psnr(rec, x):.1f}"
+                )
+                log.event("spatial_vae", step=step + 1, rec=mean, kl=float(kl))
+    ae.eval()
+
+
+@torch.no_grad()
+def encode_spatial(vae: nn.Module, videos: np.ndarray, batch: int, log: Logger) -> tuple[np.ndarray, np.ndarray]:
+    """Spatial posterior mean and std (times the scaling factor) of every frame: [N,4,F,h,w] each."""
+    ae = vae.spatial_vae.module
+    sf = vae.spatial_vae.cfg.scaling_factor
+    N, Fr = videos.shape[:2]
+    flat = videos.reshape(N * Fr, *videos.shape[2:])
+    means, stds = [], []
+    prog, task = log.progress(len(flat), "encode frames")
+    with prog:
+        for i in range(0, len(flat), batch):
+            dist = ae.encode(to_unit(flat[i : i + batch])).latent_dist
+            means.append((dist.mean * sf).numpy())
+            stds.append((dist.std * sf).numpy())
+            prog.update(task, advance=len(flat[i : i + batch]))
+    mean = np.concatenate(means).reshape(N, Fr, *means[0].shape[1:]).transpose(0, 2, 1, 3, 4)
+    std = np.concatenate(stds).reshape(N, Fr, *stds[0].shape[1:]).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(mean), np.ascontiguousarray(std)
+
+
+def train_temporal_vae(
+    vae: nn.Module, videos: np.ndarray, s_mean: np.ndarray, s_std: np.ndarray, cfg: RecipeConfig, log: Logger
+) -> None:
+    """Clips of spatial latents in and out: normalised latent MSE + pixel loss on a few frames."""
+    torch.manual_seed(cfg.seed + 12)
+    rng = np.random.default_rng([cfg.seed, 12])
+    tvae = vae.temporal_vae.train()
+    spatial = vae.spatial_vae
+    for p in spatial.parameters():
+        p.requires_grad_(False)
+    var = float(s_mean.var()) + 1e-6
+    opt = torch.optim.AdamW(tvae.parameters(), lr=cfg.temporal_lr, weight_decay=0.0)
+    N, _, Fr = s_mean.shape[:3]
+    prog, task = log.progress(cfg.temporal_steps, "temporal VAE")
+    history = []
+    with prog:
+        for step in range(cfg.temporal_steps):
+            set_lr(opt, lr_at(step, cfg.temporal_steps, cfg.temporal_lr, max(cfg.temporal_steps // 10, 1)))
+            idx = rng.integers(N, size=cfg.temporal_batch)
+            xz = torch.from_numpy(s_mean[idx]) + torch.from_numpy(s_std[idx]) * torch.randn(s_mean[idx].shape)
+            mean, logvar = tvae.encode_moments(xz)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            rec = tvae.decode(z, Fr)
+            lat_loss = (rec - xz).pow(2).mean() / var
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3, 4)).mean()
+            k = cfg.temporal_pixel_frames
+            frames = torch.from_numpy(rng.integers(Fr, size=(cfg.temporal_batch, k)))
+            rec_frames = rec[torch.arange(len(idx))[:, None], :, frames].flatten(0, 1)  # [B*k, 4, h, w]
+            x = to_unit(videos[idx[:, None], frames.numpy()].reshape(-1, *videos.shape[2:]))
+            pix = spatial.decode_frames(rec_frames)
+            pix_loss = weighted_recon_loss(pix, x, object_weights(x, cfg.object_weight))
+            loss = lat_loss + pix_loss + cfg.kl_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tvae.parameters(), cfg.grad_clip)
+            opt.step()
+            history.append((lat_loss.item(), pix_loss.item()))
+            prog.update(task, advance=1, info=f"lat {lat_loss.item():.3f} pix {pix_loss.item():.4f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.temporal_steps:
+                h = np.mean(history[-cfg.log_every :], axis=0)
+                log.info(
+                    f"temporal VAE step {step + 1}/{cfg.temporal_steps} latent {h[0]:.4f} pixel {h[1]:.4f} psnr {psnr(pix, x):.1f}"
+                )
+                log.event("temporal_vae", step=step + 1, latent=float(h[0]), pixel=float(h[1]), kl=float(kl))
+    tvae.eval()
+    for p in spatial.parameters():
+        p.requires_grad_(True)
+
+
+@torch.no_grad()
+def encode_temporal(vae: nn.Module, s_mean: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Temporal posterior mean and std of each clip's spatial-latent mean: [N,4,T,h,w] each."""
+    means, stds = [], []
+    for i in range(0, len(s_mean), batch):
+        m, logvar = vae.temporal_vae.encode_moments(torch.from_numpy(s_mean[i : i + batch]))
+        means.append(m.numpy())
+        stds.append(torch.exp(0.5 * logvar).numpy())
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def set_latent_norm(vae: nn.Module, z_mean: np.ndarray, z_std: np.ndarray) -> tuple[list[float], list[float]]:
+    """shift/scale = per-channel mean/std of posterior samples (rounded: the preset states them)."""
+    axes = (0, 2, 3, 4)
+    shift = [round(float(v), 4) for v in z_mean.mean(axis=axes)]
+    scale = [round(float(v), 4) for v in np.sqrt(z_mean.var(axis=axes) + (z_std**2).mean(axis=axes))]
+    with torch.no_grad():
+        vae.shift.copy_(torch.tensor(shift)[None, :, None, None, None])
+        vae.scale.copy_(torch.tensor(scale)[None, :, None, None, None])
+    return shift, scale
+
+
+@torch.no_grad()
+def vae_roundtrip_check(vae: nn.Module, cfg: RecipeConfig, num: int = 24) -> dict:
+    """Encode/decode held-out clips: PSNR and adherence of the reconstructions (motion kept?)."""
+    videos, captions, _ = shapes_data.make_dataset(num, cfg.seed, start=10_000_000)
+    x = to_unit(videos).movedim(1, 2)  # [n,3,F,H,W]
+    z = vae.encode(x, sample=False)
+    rec = vae.decode(z, videos.shape[1])
+    from sorakit.runtime.sampler import to_uint8_video
+
+    rec_u8 = to_uint8_video(rec.numpy())
+    s = score_set(rec_u8, captions)
+    return {"psnr": round(psnr(rec, x), 2), "colour_acc": s["colour_acc"], "direction_acc": s["direction_acc"]}
+
+
+# ---------------------------------------------------------------------------------------
+# DiT stage
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_stdit_for_training(model: nn.Module, seed: int) -> None:
+    """Open-Sora's STDiT3 training initialisation (xavier linears, zeroed residual outputs)."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    w = model.x_embedder.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    for mod in (model.t_embedder.mlp[0], model.t_embedder.mlp[2], model.t_block[1]):
+        nn.init.normal_(mod.weight, std=0.02)
+    nn.init.normal_(model.fps_embedder.mlp[0].weight, std=0.02)
+    nn.init.zeros_(model.fps_embedder.mlp[2].weight)
+    nn.init.zeros_(model.fps_embedder.mlp[2].bias)
+    nn.init.normal_(model.y_embedder.y_proj.fc1.weight, std=0.02)
+    nn.init.normal_(model.y_embedder.y_proj.fc2.weight, std=0.02)
+    for block in list(model.spatial_blocks) + list(model.temporal_blocks):
+        nn.init.zeros_(block.cross_attn.proj.weight)
+    for block in model.temporal_blocks:
+        nn.init.zeros_(block.attn.proj.weight)
+        nn.init.zeros_(block.mlp.fc2.weight)
+    if hasattr(model, "y_to_t"):
+        nn.init.zeros_(model.y_to_t.fc2.weight)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
+
+
+class EMA:
+    """Exponential moving average of parameters (buffers copied)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.module = copy.deepcopy(module).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.module.parameters(), module.parameters()):
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+def sample_t(n: int, preset: ModelPreset, latent_shape: tuple[int, int, int], generator=None) -> torch.Tensor:
+    """Open-Sora 1.2 training timesteps: logit-normal, then the sampler's timestep transform."""
+    t = torch.sigmoid(torch.randn(n, generator=generator)) * preset.sampler.num_timesteps
+    if preset.sampler.use_timestep_transform:
+        H, W = preset.resolution
+        t = timestep_transform(t, H, W, latent_shape[0], preset.sampler)
+    return t
+
+
+def rflow_loss(
+    transformer: nn.Module, text_encoder: nn.Module, batch: dict, preset: ModelPreset, dropout: float
+) -> torch.Tensor:
+    """One rectified-flow loss: x_t = (1 - t) x0 + t eps, target v = x0 - eps."""
+    x0 = batch["z"]
+    B = x0.shape[0]
+    y = text_encoder(input_ids=batch["ids"], attention_mask=batch["mask"]).last_hidden_state[:, None]
+    drop = torch.rand(B) < dropout
+    y = transformer.y_embedder.drop(y, drop)
+    t = sample_t(B, preset, tuple(x0.shape[2:]))
+    eps = torch.randn_like(x0)
+    tau = (t / preset.sampler.num_timesteps)[:, None, None, None, None]
+    x_t = (1 - tau) * x0 + tau * eps
+    H, W = preset.resolution
+    out = transformer(
+        x_t,
+        t,
+        y,
+        batch["mask"],
+        None,
+        torch.tensor([float(preset.sampler.fps)]),
+        torch.tensor([float(H)]),
+        torch.tensor([float(W)]),
+    )
+    return F.mse_loss(out[:, : x0.shape[1]], x0 - eps)
+
+
+def evaluate(models: TorchModels, cfg: RecipeConfig) -> dict:
+    """Sample the evaluation prompts (one batch, fixed seed) and score adherence."""
+    prompts = list(EVAL_PROMPTS[: cfg.eval_prompts])
+    res = ReferencePipeline(models)(prompts, seed=cfg.eval_seed, steps=cfg.eval_steps, cfg_scale=cfg.eval_cfg)
+    s = score_set(res.video, prompts)
+    s["video"] = res.video
+    return s
+
+
+@torch.no_grad()
+def text_sensitivity(models: TorchModels, timesteps=(1000.0, 800.0, 500.0, 200.0)) -> dict:
+    """How much the conditional velocity changes between opposite directions at each t.
+
+    Relative L2 difference of v("... moving left") vs v("... moving right") (and up/down) on
+    the same noisy latent: near zero means the model ignores the direction word there.
+    """
+    pipe = ReferencePipeline(models)
+    preset = models.preset
+    pairs = [
+        ("a red circle moving left", "a red circle moving right"),
+        ("a blue square moving up", "a blue square moving down"),
+    ]
+    shape = (1, preset.stdit.in_channels, *preset.latent_size(preset.num_frames, *preset.resolution))
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    H, W = preset.resolution
+    out = {}
+    for t in timesteps:
+        tau = t / preset.sampler.num_timesteps
+        x_t = (1 - tau) * x0 + tau * eps
+        diffs = []
+        for a, b in pairs:
+            y, mask = pipe.encode_prompts([a, b])
+            v = models.transformer(
+                torch.cat([x_t, x_t]),
+                torch.tensor([t, t]),
+                y,
+                mask,
+                None,
+                torch.tensor([24.0]),
+                torch.tensor([float(H)]),
+                torch.tensor([float(W)]),
+            )[:, : shape[1]]
+            diffs.append(float((v[0] - v[1]).norm() / (0.5 * (v[0].norm() + v[1].norm()))))
+        out[str(int(t))] = round(float(np.mean(diffs)), 4)
+    return out
+
+
+def train_dit(
+    models: TorchModels,
+    z_mean: np.ndarray,
+    z_std: np.ndarray,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    cfg: RecipeConfig,
+    log: Logger,
+    on_eval: Callable[[int, dict], None] | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """T5 + STDiT3 with rectified flow; returns the EMA (text_encoder, transformer)."""
+    preset = models.preset
+    torch.manual_seed(cfg.seed + 13)
+    rng = np.random.default_rng([cfg.seed, 13])
+    dit, t5 = models.transformer.train(), models.text_encoder.train()
+    init_stdit_for_training(dit, cfg.seed + 14)
+    params = [p for p in list(dit.parameters()) + list(t5.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ema_dit, ema_t5 = EMA(dit, cfg.ema_decay), EMA(t5, cfg.ema_decay)
+    N = len(z_mean)
+    t_start = time.time()
+    prog, task = log.progress(cfg.dit_steps, "DiT")
+    history: list[float] = []
+    step = 0
+    with prog:
+        for step in range(cfg.dit_steps):
+            set_lr(opt, lr_at(step, cfg.dit_steps, cfg.dit_lr, cfg.dit_warmup, cfg.dit_decay_from))
+            idx = shapes_data.direction_balanced_indices(rng, N, cfg.dit_batch)
+            z = torch.from_numpy(z_mean[idx]) + torch.from_numpy(z_std[idx]) * torch.randn(z_mean[idx].shape)
+            batch = {"z": z, "ids": torch.from_numpy(ids[idx]), "mask": torch.from_numpy(mask[idx])}
+            loss = rflow_loss(dit, t5, batch, preset, cfg.caption_dropout)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            ema_dit.update(dit, step)
+            ema_t5.update(t5, step)
+            history.append(loss.item())
+            prog.update(task, advance=1, info=f"loss {loss.item():.4f}")
+            if (step + 1) % cfg.log_every == 0:
+                mean = float(np.mean(history[-cfg.log_every :]))
+                rate = (time.time() - t_start) / (step + 1)
+                log.info(f"DiT step {step + 1}/{cfg.dit_steps} loss {mean:.4f} ({rate:.2f} s/step)")
+                log.event("dit", step=step + 1, loss=mean, sec_per_step=round(rate, 3))
+            last = step + 1 == cfg.dit_steps
+            over = cfg.minutes is not None and (time.time() - t_start) / 60 > cfg.minutes
+            if (step + 1) % cfg.eval_every == 0 or last or over:
+                eval_models = TorchModels(preset, ema_t5.module, ema_dit.module, models.vae, models.tokenizer_file)
+                s = evaluate(eval_models, cfg)
+                sens = text_sensitivity(eval_models)
+                log.info(
+                    f"eval @ {step + 1}: colour {s['colour_acc']:.0%} direction {s['direction_acc']:.0%} "
+                    f"(text sensitivity by t: {sens})"
+                )
+                log.event(
+                    "eval",
+                    step=step + 1,
+                    colour_acc=s["colour_acc"],
+                    direction_acc=s["direction_acc"],
+                    text_sensitivity=sens,
+                )
+                if on_eval is not None:
+                    on_eval(step + 1, s)
+                dit.train()
+                t5.train()
+            if over:
+                log.info(f"stopping at step {step + 1}: the {cfg.minutes} min cap was reached")
+                break
+    log.stage("dit", steps_done=step + 1, final_loss=float(np.mean(history[-cfg.log_every :])))
+    return ema_t5.module.eval(), ema_dit.module.eval()
+
+
+# ---------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------
+def save_fp16(module: nn.Module, directory: Path, component: str, keep_fp32: tuple[str, ...] = ()) -> Path:
+    """fp16 copy of ``module`` (``keep_fp32`` buffers stay fp32) saved with save_checkpoint's keys."""
+    half = copy.deepcopy(module).half()
+    for name in keep_fp32:
+        getattr(half, name).data = getattr(module, name).data.float().clone()
+    return save_checkpoint(half, directory, component)
+
+
+def export(out: Path, text_encoder: nn.Module, transformer: nn.Module, vae: nn.Module) -> dict[str, int]:
+    sizes = {}
+    for name, module, keep in (
+        ("text_encoder", text_encoder, ()),
+        ("transformer", transformer, ()),
+        ("vae", vae, ("shift", "scale")),
+    ):
+        path = save_fp16(module, out / name, name, keep)
+        sizes[name] = path.stat().st_size
+    return sizes
+
+
+def load_trained(out: Path, preset: ModelPreset) -> TorchModels:
+    """The exported files, loaded strictly."""
+    return TorchModels.from_checkpoints(
+        preset, out / "transformer", out / "vae", out / "text_encoder", tokenizer_file=out / "tokenizer.json"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# the whole recipe
+# ---------------------------------------------------------------------------------------
+def run(
+    out: str | Path, cfg: RecipeConfig | None = None, preset: ModelPreset | None = None, quiet: bool = False
+) -> dict:
+    """Train everything into ``out``; returns the training record (also out/training.json)."""
+    cfg = cfg or RecipeConfig()
+    preset = preset or default_shapes_preset()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    log = Logger(out / "training_log.json", quiet=quiet)
+    log.record["config"] = dataclasses.asdict(cfg)
+    log.record["preset"] = preset.name
+    log.info(f"sorakit shapes recipe: seed {cfg.seed}, {cfg.num_clips} clips, {cfg.threads} threads -> {out}")
+
+    t = time.time()
+    videos, captions, _ = shapes_data.make_dataset(cfg.num_clips, cfg.seed)
+    log.stage(
+        "data", clips=cfg.num_clips, frames=videos.shape[1], size=videos.shape[2], seconds=round(time.time() - t, 1)
+    )
+    log.info(f"data: {videos.shape} uint8, e.g. {captions[0]!r}")
+
+    tok_path = train_tokenizer(shapes_data.all_caption_words(), out / "tokenizer.json", preset.t5.vocab_size)
+    tok = PromptTokenizer(tok_path, preset.t5.max_length)
+    batch = tok(captions)
+    log.stage("tokenizer", vocab=tok.tok.get_vocab_size(), max_tokens=max(batch.lengths))
+
+    vae = build("vae", preset).float()
+    log.stage("vae", params=sum(p.numel() for p in vae.parameters()))
+    t = time.time()
+    train_spatial_vae(vae, videos, cfg, log)
+    log.stage("spatial_vae", seconds=round(time.time() - t, 1))
+    t = time.time()
+    s_mean, s_std = encode_spatial(vae, videos, cfg.encode_batch, log)
+    log.stage("encode_spatial", seconds=round(time.time() - t, 1))
+    t = time.time()
+    train_temporal_vae(vae, videos, s_mean, s_std, cfg, log)
+    log.stage("temporal_vae", seconds=round(time.time() - t, 1))
+    z_mean, z_std = encode_temporal(vae, s_mean)
+    shift, scale = set_latent_norm(vae, z_mean, z_std)
+    z_mean = (z_mean - np.array(shift, np.float32)[None, :, None, None, None]) / np.array(scale, np.float32)[
+        None, :, None, None, None
+    ]
+    z_std = z_std / np.array(scale, np.float32)[None, :, None, None, None]
+    del videos, s_mean, s_std
+    rt = vae_roundtrip_check(vae, cfg, num=min(24, max(cfg.eval_prompts, 4)))
+    log.stage(
+        "latents", shape=list(z_mean.shape), shift=shift, scale=scale, posterior_std=float(z_std.mean()), roundtrip=rt
+    )
+    log.info(f"VAE round trip on held-out clips: {rt}; latent shift {shift} scale {scale}")
+
+    text_encoder = build("text_encoder", preset)
+    transformer = build("transformer", preset)
+    models = TorchModels(preset, text_encoder, transformer, vae.eval(), tok_path)
+    log.stage(
+        "dit_params",
+        transformer=sum(p.numel() for p in transformer.parameters()),
+        text_encoder=sum(p.numel() for p in text_encoder.parameters()),
+    )
+    t = time.time()
+    ema_t5, ema_dit = train_dit(models, z_mean, z_std, batch.ids, batch.mask, cfg, log)
+    log.stage("dit", seconds=round(time.time() - t, 1))
+
+    sizes = export(out, ema_t5, ema_dit, vae)
+    shipped = load_trained(out, preset)
+    t = time.time()
+    final = evaluate(shipped, cfg)
+    cos = velocity_cosines(shipped, list(EVAL_PROMPTS[: cfg.eval_prompts]), cfg.eval_steps, cfg.eval_cfg, cfg.eval_seed)
+    record = {
+        "recipe": "python -m sorakit.train --out DIR --seed SEED",
+        "seed": cfg.seed,
+        "config": dataclasses.asdict(cfg),
+        "preset": preset.name,
+        "torch": torch.__version__,
+        "threads": cfg.threads,
+        "minutes": round(log.elapsed() / 60, 1),
+        "stage_seconds": {k: v.get("seconds") for k, v in log.record["stages"].items() if "seconds" in v},
+        "vae_shift": shift,
+        "vae_scale": scale,
+        "vae_roundtrip": rt,
+        "file_bytes": sizes,
+        "adherence": {
+            "prompts": len(final["per_prompt"]),
+            "steps": cfg.eval_steps,
+            "cfg_scale": cfg.eval_cfg,
+            "seed": cfg.eval_seed,
+            "colour_acc": final["colour_acc"],
+            "direction_acc": final["direction_acc"],
+            "both_acc": final["both_acc"],
+        },
+        "velocity_cosine_mean": [round(float(c), 5) for c in cos.mean(axis=0)],
+        "evals": [e for e in log.record["events"] if e["stage"] == "eval"],
+    }
+    log.stage("final", seconds=round(time.time() - t, 1), adherence=record["adherence"])
+    (out / "training.json").write_text(json.dumps(record, indent=1))
+    log.info(
+        f"done in {record['minutes']} min: colour {final['colour_acc']:.0%}, direction {final['direction_acc']:.0%}; "
+        f"files {sum(sizes.values()) / 1e6:.1f} MB"
+    )
+    return record
+
+
+@torch.no_grad()
+def velocity_cosines(models: TorchModels, prompts: list[str], steps: int, cfg_scale: float, seed: int) -> np.ndarray:
+    """Cosine similarity of consecutive CFG velocities, per prompt and step: [n, steps-1].
+
+    The velocity of step i is recovered from the Euler update, v_i = (z_{i+1} - z_i) * 1000 / dt_i.
+    """
+    from sorakit.export.sampler import schedule
+
+    preset = models.preset
+    H, W = preset.resolution
+    latent_t = preset.latent_size(preset.num_frames, H, W)[0]
+    ts = [float(t) for t in schedule(preset.sampler, steps, H, W, latent_t)]
+    dts = [ts[i] - ts[i + 1] for i in range(steps - 1)] + [ts[-1]]
+    states: list[torch.Tensor] = []
+    res = ReferencePipeline(models)(
+        prompts, seed=seed, steps=steps, cfg_scale=cfg_scale, callback=lambda i, z: states.append(z.clone())
+    )
+    z_prev = torch.from_numpy(res.noise)
+    vs = []
+    for i, z in enumerate(states):
+        vs.append(((z - z_prev) * preset.sampler.num_timesteps / dts[i]).flatten(1))
+        z_prev = z
+    return np.stack([F.cosine_similarity(vs[i], vs[i + 1], dim=1).numpy() for i in range(steps - 1)], axis=1)
