@@ -69,7 +69,7 @@ class PromptTokenizer:
             unknown.append(sum(1 for t in seq if t == self.unk_id))
         for p, cut in zip(prompts, truncated):
             if cut:
-                log.warning("prompt truncated to %d tokens: %.60s...", L, p)
+                log.info("prompt truncated to %d tokens: %.60s...", L, p)
         return TokenBatch(ids, mask, truncated, lengths, unknown)
 
 

@@ -187,7 +187,6 @@ class Pipeline:
 
     def _velocity(self, y: np.ndarray, y_mask: np.ndarray, height: int, width: int, tdtm_steps: int,
                   num_steps: int, on_step: Callable[[int, float], None]):
-        n = y.shape[0]
         null = np.broadcast_to(self.null_caption[None], (1, *self.null_caption.shape)).astype(np.float32)
         batch_dim = self.tr["prologue"][0].inputs[0].shape[0]
         pairs = isinstance(batch_dim, int)  # static graphs take one prompt (a CFG pair) per call
@@ -224,11 +223,12 @@ class Pipeline:
 
         return velocity
 
-    def _plan_usage(self, n_active: int, step: int, num_steps: int, tdtm_steps: int) -> None:
+    def _plan_usage(self, n_active: int, step: int, num_steps: int, tdtm_steps: int, text_left: int = 0) -> None:
+        """Tell the scheduler how often each graph runs in the rest of this call (residency)."""
         calls = n_active if isinstance(self.tr["prologue"][0].inputs[0].shape[0], int) else 1
         left = num_steps - step
         tdtm_left = max(0, tdtm_steps - step)
-        usage: dict[str, int] = {}
+        usage: dict[str, int] = {g.name: text_left for g in self.te_graphs}
         for g in self.tr["prologue"] + self.tr["epilogue"]:
             usage[g.name] = left * calls
         for g in self.tr["block"]:
@@ -236,10 +236,11 @@ class Pipeline:
             if "tdtm" in g.variants:
                 usage[g.variants["tdtm"].name] = tdtm_left * calls
         for g in self.vae_temporal + self.vae_spatial:
-            usage[g.name] = 1
-        order = self._step_chain(tdtm_left > 0) + (self._blocks(False) if tdtm_left else []) + self.vae_temporal \
+            usage[g.name] = n_active
+        chain = self._step_chain(tdtm_left > 0)
+        order = self.te_graphs + chain + (self._blocks(False) if tdtm_left else []) + self.vae_temporal \
             + self.vae_spatial
-        self.scheduler.set_usage(usage, order)
+        self.scheduler.set_usage(usage, order, active=self.te_graphs if text_left else chain)
 
     # -- VAE ------------------------------------------------------------------------------------
     def decode(self, z: np.ndarray, num_frames: int, on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -325,6 +326,7 @@ class Pipeline:
                     callback(Progress(stage, i, total, info))
 
             # 1. text
+            self._plan_usage(len(prompts), 0, steps, tdtm_steps, text_left=len(prompts))
             emit("text", 0, len(prompts))
             t0 = time.perf_counter()
             y, mask = self.encode_prompts(prompts, notes)
@@ -351,8 +353,8 @@ class Pipeline:
 
             # 3. decode
             t0 = time.perf_counter()
-            self.scheduler.set_usage({g.name: 1 for g in self.vae_temporal + self.vae_spatial},
-                                     self.vae_temporal + self.vae_spatial)
+            vae = self.vae_temporal + self.vae_spatial
+            self.scheduler.set_usage({g.name: len(prompts) for g in vae}, vae, active=vae)
             video = self.decode(z, num_frames, lambda i, n: emit("decode", i, n))
             timings.vae = time.perf_counter() - t0
         except BaseException:

@@ -117,7 +117,8 @@ class BlockScheduler:
         self.costs: dict[str, GraphCost] = {}
         self.resident: set[str] = set()
         self.usage: dict[str, int] = {}
-        self.order: list[GraphEntry] = []
+        self.order: list[GraphEntry] = list(bundle.manifest.all_graphs())
+        self.active: set[str] = set()
         self._pending: _Prefetch | None = None
         self._peak = PeakRSS()
         self.stats = SchedulerStats()
@@ -151,10 +152,18 @@ class BlockScheduler:
                 f"is about {fmt_bytes(need)}"
             )
 
-    def set_usage(self, usage: dict[str, int], order: list[GraphEntry]) -> None:
-        """How often each graph will still run in this call, and in which order; re-plan residency."""
+    def set_usage(self, usage: dict[str, int], order: list[GraphEntry], active: list[GraphEntry] | None = None) -> None:
+        """Re-plan residency from how often graphs will still run in this call.
+
+        ``active`` are the graphs of the current phase (e.g. the denoising chain): the budget
+        must hold the resident set, room to stream the active graphs that are not resident
+        (two at a time with prefetch), and the largest working memory among them. Graphs of
+        later phases, or not mentioned at all, stay resident only while there is room left.
+        """
         self.usage = dict(usage)
-        self.order = list(order)
+        seen = {g.name for g in order}
+        self.order = list(order) + [g for g in self.order if g.name not in seen]
+        self.active = {g.name for g in (active if active is not None else order) if usage.get(g.name, 0) > 0}
         self._plan()
 
     def _plan(self) -> None:
@@ -163,19 +172,20 @@ class BlockScheduler:
         if self.budget is None:
             self.resident = set(names)
         else:
-            working = max((self.working_estimate(by_name[n]) for n in names), default=0)
-            ranked = sorted(names, key=lambda n: (-self.usage.get(n, 0), names.index(n)))
+            active = self.active or set(names)
+            working = max((self.working_estimate(by_name[n]) for n in active), default=0)
+            ranked = sorted(names, key=lambda n: (n not in active, -self.usage.get(n, 0), names.index(n)))
             chosen: list[str] = []
             for n in ranked:
                 trial = chosen + [n]
-                streamed = [self.costs[m].estimate for m in names if m not in trial]
+                streamed = [self.costs[m].estimate for m in active if m not in trial]
                 reserve = sum(sorted(streamed)[-2:]) if self.prefetch_enabled else max(streamed, default=0)
                 if sum(self.costs[m].estimate for m in trial) + reserve + working <= self.budget:
                     chosen = trial
             self.resident = set(chosen)
         for name in [n for n in self.sessions if n not in self.resident]:
             self._release(name)
-        self.stats.resident = sorted(self.resident, key=lambda n: names.index(n) if n in names else 0)
+        self.stats.resident = sorted(self.resident, key=names.index)
 
     # -- sessions -------------------------------------------------------------------------------
     def _create(self, g: GraphEntry, options=None):

@@ -38,11 +38,18 @@ def save_video(frames: np.ndarray, path: str | Path, fps: int = 24) -> Path:
                              ffmpeg_log_level="error", output_params=["-pix_fmt", "yuv420p"])
         else:
             imageio.mimwrite(tmp, list(frames), format="GIF", duration=1000.0 / fps, loop=0)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_video(path: str | Path) -> np.ndarray:

@@ -1,0 +1,3 @@
+from sorakit.cli.main import main
+
+main()

@@ -1,0 +1,140 @@
+"""Measure a trained shapes model: adherence, velocity cosines, diagnostics and the docs' figures.
+
+``python -m sorakit.train.report [--model DIR] [--img docs/img] [--json FILE]`` samples the 24
+evaluation prompts (one batch, seed 0, 30 steps, CFG 7) with the torch reference pipeline,
+scores them from the frames alone and prints the figures recorded in docs/training.md; with
+``--img`` it also writes the velocity-cosine plot and a strip of sample frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sorakit.adherence import EVAL_CFG, EVAL_PROMPTS, EVAL_SEED, EVAL_STEPS, score_set
+from sorakit.export.models import TorchModels
+from sorakit.export.reference import ReferencePipeline
+from sorakit.presets import shapes_preset
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes"
+
+
+def load_shipped(model_dir: str | Path = SHIPPED_DIR) -> TorchModels:
+    """The shipped shapes model (or another recipe output directory), loaded strictly."""
+    d = Path(model_dir)
+    return TorchModels.from_checkpoints(
+        shapes_preset(), d / "transformer", d / "vae", d / "text_encoder", tokenizer_file=d / "tokenizer.json"
+    )
+
+
+def adherence(
+    models: TorchModels, steps: int = EVAL_STEPS, cfg_scale: float = EVAL_CFG, seed: int = EVAL_SEED
+) -> tuple[dict, np.ndarray]:
+    prompts = list(EVAL_PROMPTS)
+    res = ReferencePipeline(models)(prompts, seed=seed, steps=steps, cfg_scale=cfg_scale)
+    return score_set(res.video, prompts), res.video
+
+
+def with_transform_base(models: TorchModels, base_resolution: int) -> TorchModels:
+    """The same weights sampled with another timestep-transform base resolution (diagnostic)."""
+    preset = dataclasses.replace(
+        models.preset, sampler=dataclasses.replace(models.preset.sampler, transform_base_resolution=base_resolution)
+    )
+    return dataclasses.replace(models, preset=preset)
+
+
+def plot_velocity_cosine(cos: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.arange(1, cos.shape[1] + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for row in cos:
+        ax.plot(steps, row, color="tab:blue", alpha=0.15, lw=0.8)
+    ax.plot(steps, cos.mean(axis=0), color="tab:red", lw=2, label="mean over the 24 prompts")
+    ax.set_xlabel("step i (cosine of v_i and v_i+1)")
+    ax.set_ylabel("cosine similarity")
+    ax.set_ylim(min(0.0, float(cos.min())) - 0.02, 1.01)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def sample_strip(videos: np.ndarray, prompts: list[str], path: Path, frames=(0, 4, 8, 12, 16)) -> None:
+    """One row per video (frames side by side with a gap), prompt written above the row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(videos)
+    fig, axes = plt.subplots(n, 1, figsize=(len(frames) * 1.1, n * 1.35), dpi=110)
+    for ax, video, prompt in zip(np.atleast_1d(axes), videos, prompts):
+        gap = np.full((video.shape[1], 3, 3), 255, np.uint8)
+        row = np.concatenate([np.concatenate([video[f], gap], axis=1) for f in frames], axis=1)
+        ax.imshow(row)
+        ax.set_title(prompt, fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sorakit.train.recipe import text_sensitivity, velocity_cosines
+
+    ap = argparse.ArgumentParser(prog="python -m sorakit.train.report", description=__doc__)
+    ap.add_argument("--model", default=str(SHIPPED_DIR))
+    ap.add_argument("--img", default=None, help="write velocity_cosine.png and shapes_samples.png here")
+    ap.add_argument("--json", default=None, help="write the figures as JSON here")
+    ap.add_argument("--diagnostics", action="store_true", help="also sample with Open-Sora's 512^2 transform base")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    models = load_shipped(args.model)
+    score, videos = adherence(models)
+    print(f"adherence on {score['n']} prompts (30 steps, CFG 7, seed 0):")
+    print(f"  colour {score['colour_acc']:.1%}  direction {score['direction_acc']:.1%}  both {score['both_acc']:.1%}")
+    for r in score["per_prompt"]:
+        mark = ("C" if r["colour_ok"] else "-") + ("D" if r["direction_ok"] else "-")
+        print(f"  [{mark}] {r['prompt']:<55} -> {r['colour']}, {r['direction']} disp {r['displacement']} R2 {r['linearity']}")
+    cos = velocity_cosines(models, list(EVAL_PROMPTS), EVAL_STEPS, EVAL_CFG, EVAL_SEED)
+    mean = cos.mean(axis=0)
+    print("velocity cosine (mean over prompts) per step:", " ".join(f"{c:.3f}" for c in mean))
+    out = {
+        "colour_acc": score["colour_acc"],
+        "direction_acc": score["direction_acc"],
+        "both_acc": score["both_acc"],
+        "per_prompt": score["per_prompt"],
+        "velocity_cosine_mean": [round(float(c), 5) for c in mean],
+        "text_sensitivity": text_sensitivity(models),
+    }
+    print("text sensitivity (relative change of v between opposite directions) by t:", out["text_sensitivity"])
+    if args.diagnostics:
+        for base in (512 * 512, 256 * 256):
+            s, _ = adherence(with_transform_base(models, base))
+            out[f"transform_base_{int(base**0.5)}"] = {"colour_acc": s["colour_acc"], "direction_acc": s["direction_acc"]}
+            print(f"sampling with transform base {int(base**0.5)}^2: colour {s['colour_acc']:.1%} direction {s['direction_acc']:.1%}")
+    if args.img:
+        img = Path(args.img)
+        plot_velocity_cosine(cos, img / "velocity_cosine.png", "shapes model, 30 steps, CFG 7: cos(v_i, v_i+1)")
+        pick = [0, 1, 2, 3, 9, 14]
+        sample_strip(videos[pick], [EVAL_PROMPTS[i] for i in pick], img / "shapes_samples.png")
+        print(f"wrote {img / 'velocity_cosine.png'} and {img / 'shapes_samples.png'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
