@@ -45,3 +45,33 @@ def tiny_models():
     from sorakit.presets import tiny_preset
 
     return TorchModels.random(tiny_preset(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """The tiny preset exported once (static 64x64, 17 frames), verified against torch."""
+    from sorakit.export.exporter import ExportSettings, export_bundle
+    from sorakit.presets import tiny_preset
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    report = export_bundle(ExportSettings(tiny_preset(), 64, 64, 17), out)
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def shapes_random_bundle(tmp_path_factory):
+    """The shipped model's architecture with random weights (~40 MB of graphs), for memory tests."""
+    from sorakit.export.exporter import ExportSettings, export_bundle
+    from sorakit.presets import shapes_preset
+
+    out = tmp_path_factory.mktemp("bundles") / "shapes-random"
+    p = shapes_preset()
+    export_bundle(ExportSettings(p, p.resolution[0], p.resolution[1], p.num_frames, verify=False), out)
+    return out
+
+
+def copy_bundle(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst

@@ -58,6 +58,11 @@ class ExportSettings:
     atol: float = 1e-3  # relative to max(1, max|reference|)
     min_psnr: float = 60.0
 
+    def __post_init__(self) -> None:
+        if not self.static and self.exporter == "torchscript":
+            # TorchScript tracing bakes sizes into the graph; dynamic shapes need the dynamo exporter
+            self.exporter = "dynamo"
+
     def geometry(self) -> dict[str, Any]:
         check_geometry(self.preset, self.num_frames, self.height, self.width)
         latent = list(self.preset.latent_size(self.num_frames, self.height, self.width))
@@ -175,11 +180,16 @@ def export_graph(module, spec: PieceSpec, args: tuple, path: Path, opset: int, e
             tmp = path.with_suffix(".dynamo.onnx")
             dyn_shapes = None
             if dynamic_axes:
-                dyn_shapes = {n: {ax: torch.export.Dim.AUTO for ax in axes} for n, axes in dynamic_axes.items()
-                              if n in input_names}
-            torch.onnx.export(module, args, str(tmp), dynamo=True, opset_version=opset, input_names=input_names,
-                              output_names=output_names, dynamic_shapes=dyn_shapes, external_data=True)
+                dyn_shapes = tuple(
+                    {ax: torch.export.Dim.AUTO for ax in dynamic_axes[n]} if n in dynamic_axes else None
+                    for n in input_names
+                )
+            tmp_in = [f"in__{i}" for i in range(len(input_names))]
+            tmp_out = [f"out__{i}" for i in range(len(output_names))]
+            torch.onnx.export(module, args, str(tmp), dynamo=True, opset_version=opset, input_names=tmp_in,
+                              output_names=tmp_out, dynamic_shapes=dyn_shapes, external_data=True)
             model = onnx.load(str(tmp))
+            rename_values(model, dict(zip(tmp_in + tmp_out, input_names + output_names)))
             tmp.unlink()
             data = Path(str(tmp) + ".data")
             if data.exists():
@@ -190,6 +200,22 @@ def export_graph(module, spec: PieceSpec, args: tuple, path: Path, opset: int, e
                               do_constant_folding=True)
             model = onnx.load_from_string(buf.getvalue())
     save_with_external_data(model, path)
+
+
+def rename_values(model, mapping: dict[str, str]) -> None:
+    """Rename graph values (inputs/outputs), moving any internal value out of the way first."""
+    g = model.graph
+    taken = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
+    clash = {new: f"{new}__internal" for old, new in mapping.items() if new in taken and new not in mapping}
+    full = {**clash, **mapping}
+    for n in g.node:
+        n.input[:] = [full.get(i, i) for i in n.input]
+        n.output[:] = [full.get(o, o) for o in n.output]
+    for coll in (g.input, g.output, g.value_info):
+        for v in coll:
+            v.name = full.get(v.name, v.name)
+    for init in g.initializer:
+        init.name = full.get(init.name, init.name)
 
 
 def save_with_external_data(model, path: Path) -> None:

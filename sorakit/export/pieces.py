@@ -137,9 +137,12 @@ def block_groups(depth: int, granularity: str) -> list[list[tuple[str, int]]]:
 def transformer_plan(preset: ModelPreset, geo: dict, granularity: str = "pair") -> list[PieceSpec]:
     cfg = preset.stdit
     B, T, h, w = geo["batch2"], geo["latent"][0], geo["latent"][1], geo["latent"][2]
-    H, W = -(-h // cfg.patch_size[1]), -(-w // cfg.patch_size[2])
-    S, C, L = (H * W if geo["static"] else "tokens"), cfg.hidden_size, cfg.model_max_length
-    Tp = T if geo["static"] else "latent_frames"
+    C, L = cfg.hidden_size, cfg.model_max_length
+    if geo["static"]:
+        S = -(-h // cfg.patch_size[1]) * -(-w // cfg.patch_size[2])
+    else:
+        S = "tokens"
+    Tp = T
     tok = [B, Tp, S, C]
     z_shape = [B, cfg.in_channels, Tp, h, w]
     plan = [

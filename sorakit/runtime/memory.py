@@ -45,10 +45,15 @@ def available_memory() -> int:
 _libc = None
 
 
-def release_memory() -> None:
-    """Collect garbage and return free heap pages to the OS (glibc's malloc_trim)."""
+def release_memory(collect: bool = False) -> None:
+    """Return free heap pages to the OS (glibc's malloc_trim); optionally run the GC first.
+
+    Sessions are freed by reference counting as soon as they are dropped, so the (slow, when
+    torch is loaded) cycle collector is not needed on the hot path.
+    """
     global _libc
-    gc.collect()
+    if collect:
+        gc.collect()
     if sys.platform.startswith("linux"):
         if _libc is None:
             try:

@@ -235,14 +235,26 @@ class Pipeline:
             usage[g.name] = (left - tdtm_left) * calls
             if "tdtm" in g.variants:
                 usage[g.variants["tdtm"].name] = tdtm_left * calls
-        for g in self.vae_temporal + self.vae_spatial:
-            usage[g.name] = n_active
+        t_uses, s_uses = self._vae_calls()
+        for g in self.vae_temporal:
+            usage[g.name] = n_active * t_uses
+        for g in self.vae_spatial:
+            usage[g.name] = n_active * s_uses
         chain = self._step_chain(tdtm_left > 0)
         order = self.te_graphs + chain + (self._blocks(False) if tdtm_left else []) + self.vae_temporal \
             + self.vae_spatial
         self.scheduler.set_usage(usage, order, active=self.te_graphs if text_left else chain)
 
     # -- VAE ------------------------------------------------------------------------------------
+    def _vae_calls(self, num_frames: int | None = None) -> tuple[int, int]:
+        """(temporal chain calls, spatial chain calls) per video."""
+        info = self.manifest.components["vae"].info
+        num_frames = num_frames or self.manifest.geometry.get("num_frames") or self.preset.num_frames
+        chunks = decode_chunks(num_frames, info["micro_frame_size"], info["time_downsample"])
+        spatial_in = self.vae_spatial[0].inputs[0].shape[0]
+        batch = spatial_in if isinstance(spatial_in, int) else info.get("spatial_batch", 4)
+        return len(chunks), -(-num_frames // batch)
+
     def decode(self, z: np.ndarray, num_frames: int, on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Latent [n, C, T, h, w] -> video [n, 3, F, H, W]."""
         info = self.manifest.components["vae"].info
@@ -254,10 +266,10 @@ class Pipeline:
         videos = []
         for s in range(len(z)):
             parts, start = [], 0
-            for zt, _ in chunks:
+            for zt, nf in chunks:
                 ctx = {"z": np.ascontiguousarray(z[s : s + 1, :, start : start + zt])}
                 self.scheduler.run_chain(self.vae_temporal, ctx, then=self.vae_temporal[0])
-                parts.append(ctx["latent_frames"])
+                parts.append(ctx["latent_frames"][:, :, -nf:])  # dynamic graphs leave the front padding
                 start += zt
                 done += 1
                 if on_progress:
@@ -354,7 +366,9 @@ class Pipeline:
             # 3. decode
             t0 = time.perf_counter()
             vae = self.vae_temporal + self.vae_spatial
-            self.scheduler.set_usage({g.name: len(prompts) for g in vae}, vae, active=vae)
+            t_uses, s_uses = self._vae_calls(num_frames)
+            usage = {g.name: len(prompts) * (t_uses if g.role == "temporal" else s_uses) for g in vae}
+            self.scheduler.set_usage(usage, vae, active=vae)
             video = self.decode(z, num_frames, lambda i, n: emit("decode", i, n))
             timings.vae = time.perf_counter() - t0
         except BaseException:
