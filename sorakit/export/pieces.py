@@ -19,12 +19,14 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from sorakit.export.stdit3 import RotaryEmbedding, STDiT3, STDiT3Block, T2IFinalLayer, dims
 from sorakit.export.t5 import T5Embed, T5FinalNorm, T5Layer
 from sorakit.export.vae import CausalConv3d, TemporalDecoder, build_autoencoder_kl, depth_to_time
+from sorakit.graph_passes.tdtm import rope_tables_np
 from sorakit.presets import ModelPreset, decode_chunks
 
 
@@ -97,8 +99,19 @@ class BlockGroup(nn.Module):
         if len(self.temporal_blocks):
             self.rope = RotaryEmbedding(cfg.head_dim)
 
+    def rope_tables(self, T: int):
+        if not len(self.temporal_blocks):
+            return None
+        if torch.jit.is_tracing():
+            # static export: the tables become named constants of the graph (the TDTM pass
+            # rewrites them), so compute them outside the trace
+            freqs = self.rope.freqs.detach().cpu().numpy()
+            cos, sin = rope_tables_np(freqs, np.arange(T, dtype=np.float32))
+            return torch.from_numpy(cos), torch.from_numpy(sin)
+        return self.rope.tables(T)
+
     def forward(self, x, y, y_bias, t_mlp):
-        rope = self.rope.tables(dims(x)[1]) if len(self.temporal_blocks) else None
+        rope = self.rope_tables(dims(x)[1])
         for kind, i in self.order:
             if kind == "spatial":
                 x = self.spatial_blocks[str(i)](x, y, y_bias, t_mlp)

@@ -78,7 +78,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     """
     shape = dims(x)
     pairs = x.reshape(shape[0], shape[1], -1, shape[3] // 2, 2)  # [N, heads, T, D/2, 2]
-    x0, x1 = pairs.chunk(2, dim=4)
+    x0, x1 = torch.split(pairs, [1, 1], dim=4)  # fixed sizes: a Split op, no shape arithmetic
     swapped = torch.cat((x1, x0), dim=4).reshape(shape[0], shape[1], -1, shape[3])  # (x1, x0, x3, x2, ...)
     return x * cos + swapped * sin_signed
 
@@ -212,40 +212,47 @@ def position_embedding_2d(dim: int, h: int, w: int, scale: torch.Tensor, base_si
 # attention
 # ---------------------------------------------------------------------------------------
 class Attention(nn.Module):
-    """Self-attention over the rows of x [N, L, C].
+    """Self-attention of a spatial block (over the S tokens of each frame) or a temporal block
+    (over the T frames at each token position). Takes and returns tokens [B, T, S, C].
 
-    ``frames_axis`` says which of N (spatial attention: N = B*T) or L (temporal attention:
-    L = T) carries the frame count; that size is written as -1 in every reshape.
+    The frame count is written as -1 in every reshape, so a graph pass may hand this module
+    fewer frames (TDTM) without rewriting constants; in the exported graph the module's
+    input and output are the TDTM boundaries.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, frames_axis: str):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, temporal: bool):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.frames_axis = frames_axis
+        self.temporal = temporal
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def _rows(self, x: torch.Tensor) -> tuple[int, int]:
-        n, length = dims(x)[:2]
-        return (-1, length) if self.frames_axis == "N" else (n, -1)
-
-    def forward(self, x, rope_cos=None, rope_sin=None):
-        n, length = self._rows(x)
-        C = dims(x)[-1]
-        qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [N, heads, L, D]
+    def forward(self, h: torch.Tensor, rope_cos=None, rope_sin=None) -> torch.Tensor:
+        B, _, S, C = dims(h)
+        H, D = self.num_heads, self.head_dim
+        if self.temporal:  # sequences over frames: (B S) T C
+            seq = h.transpose(1, 2).reshape(B * S, -1, C)
+            qkv = self.qkv(seq).reshape(B * S, -1, 3, H, D)
+        else:  # sequences over tokens: (B T) S C
+            seq = h.reshape(-1, S, C)
+            qkv = self.qkv(seq).reshape(-1, S, 3, H, D)
+        q, k, v = (t.squeeze(0) for t in torch.split(qkv.permute(2, 0, 3, 1, 4), [1, 1, 1], dim=0))  # [N, heads, L, D]
         q, k = self.q_norm(q), self.k_norm(k)
         if rope_cos is not None:
             q = apply_rope(q, rope_cos, rope_sin)
             k = apply_rope(k, rope_cos, rope_sin)
         q = q * self.scale
         attn = (q @ k.transpose(2, 3)).float().softmax(dim=-1).to(v.dtype)
-        out = (attn @ v).transpose(1, 2).reshape(n, length, C)
-        return self.proj(out)
+        out = (attn @ v).transpose(1, 2)  # [N, L, heads, D]
+        if self.temporal:
+            out = self.proj(out.reshape(B * S, -1, C))
+            return out.reshape(B, S, -1, C).transpose(1, 2)
+        out = self.proj(out.reshape(-1, S, C))
+        return out.reshape(B, -1, S, C)
 
 
 class CrossAttention(nn.Module):
@@ -264,7 +271,7 @@ class CrossAttention(nn.Module):
         B, _, S, C = dims(x)
         q = self.q_linear(x.reshape(B, -1, C)).reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv_linear(y).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)  # [B, heads, L, D]
+        k, v = (t.squeeze(0) for t in torch.split(kv, [1, 1], dim=0))  # [B, heads, L, D]
         attn = (q * self.head_dim**-0.5) @ k.transpose(2, 3) + y_bias
         attn = attn.float().softmax(dim=-1).to(v.dtype)
         out = (attn @ v).transpose(1, 2).reshape(B, -1, C)
@@ -282,7 +289,7 @@ class STDiT3Block(nn.Module):
         C = config.hidden_size
         self.temporal = temporal
         self.norm1 = nn.LayerNorm(C, eps=1e-6, elementwise_affine=False)
-        self.attn = Attention(C, config.num_heads, config.qk_norm, frames_axis="L" if temporal else "N")
+        self.attn = Attention(C, config.num_heads, config.qk_norm, temporal)
         self.cross_attn = CrossAttention(C, config.num_heads)
         self.norm2 = nn.LayerNorm(C, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(C, int(C * config.mlp_ratio))
@@ -291,19 +298,11 @@ class STDiT3Block(nn.Module):
     def modulation(self, t_mlp: torch.Tensor) -> list[torch.Tensor]:
         B, C = dims(t_mlp)[0], self.scale_shift_table.shape[1]
         mods = self.scale_shift_table[None] + t_mlp.reshape(B, 6, C)
-        return [m[:, :, None, :] for m in mods.chunk(6, dim=1)]  # six [B,1,1,C]
+        return [m[:, :, None, :] for m in torch.split(mods, [1] * 6, dim=1)]  # six [B,1,1,C]
 
-    def self_attention(self, h: torch.Tensor, rope=None) -> torch.Tensor:
-        """The attention on modulated tokens h [B,T,S,C] (the part TDTM merges)."""
-        B, _, S, C = dims(h)
-        if self.temporal:
-            seq = h.transpose(1, 2).reshape(B * S, -1, C)  # (B S) T C
-            out = self.attn(seq, *(rope or (None, None)))
-            return out.reshape(B, S, -1, C).transpose(1, 2)
-        out = self.attn(h.reshape(-1, S, C))  # (B T) S C
-        return out.reshape(B, -1, S, C)
-
-    def forward(self, x, y, y_bias, t_mlp, rope=None, x_mask=None, t0_mlp=None):
+    def forward(self, x, y, y_bias, t_mlp, rope=None, x_mask=None, t0_mlp=None, tdtm=None):
+        """``tdtm`` (an ``export.tdtm.TokenMerge``): merge frame pairs before each attention and
+        unmerge after it; ``rope`` must then hold the merged frames' tables."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_mlp)
         zero = self.modulation(t0_mlp) if x_mask is not None else [None] * 6
 
@@ -312,14 +311,20 @@ class STDiT3Block(nn.Module):
         h_m = modulate(h, shift_msa, scale_msa)
         if x_mask is not None:
             h_m = frame_select(x_mask, h_m, modulate(h, zero[0], zero[1]))
-        a = self.self_attention(h_m, rope)
+        if tdtm is None:
+            a = self.attn(h_m, *(rope or (None, None)))
+        else:
+            a = tdtm.unmerge(self.attn(tdtm.merge(h_m), *(rope or (None, None))))
         a_s = gate_msa * a
         if x_mask is not None:
             a_s = frame_select(x_mask, a_s, zero[2] * a)
         x = x + a_s
 
         # 2. cross-attention: no norm, no modulation, no gate
-        x = x + self.cross_attn(x, y, y_bias)
+        if tdtm is None:
+            x = x + self.cross_attn(x, y, y_bias)
+        else:
+            x = x + tdtm.unmerge(self.cross_attn(tdtm.merge(x), y, y_bias))
 
         # 3. MLP, gated
         h = self.norm2(x)
@@ -344,12 +349,12 @@ class T2IFinalLayer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
 
     def forward(self, x, t, x_mask=None, t0=None):  # x [B,T,S,C], t [B,C]
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # [B,1,C]
+        shift, scale = torch.split(self.scale_shift_table[None] + t[:, None], [1, 1], dim=1)  # [B,1,C]
         x = modulate(self.norm_final(x), shift[:, None], scale[:, None])
         if x_mask is not None:
             # Official quirk, kept for fidelity: the t0 variant is computed from the already
             # modulated x. Only matters when some frames are conditioning frames.
-            shift0, scale0 = (self.scale_shift_table[None] + t0[:, None]).chunk(2, dim=1)
+            shift0, scale0 = torch.split(self.scale_shift_table[None] + t0[:, None], [1, 1], dim=1)
             x = frame_select(x_mask, x, modulate(self.norm_final(x), shift0[:, None], scale0[:, None]))
         return self.linear(x)
 
@@ -440,7 +445,7 @@ class STDiT3(nn.Module):
         return self.rope.tables(T)
 
     # -- full forward -----------------------------------------------------------------------
-    def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None):
+    def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None, tdtm=None):
         dtype = self.x_embedder.proj.weight.dtype
         x, timestep, y = x.to(dtype), timestep.to(dtype), y.to(dtype)
         Tx, Hx, Wx = x.shape[2:]
@@ -449,11 +454,12 @@ class STDiT3(nn.Module):
         if height is None or width is None:
             height, width = torch.tensor([Hx * 8.0]), torch.tensor([Wx * 8.0])
         p = self.prologue(x, timestep, y, mask, fps, height, width, x_mask)
-        rope = self.rope_for(p.x.shape[1])
+        T = p.x.shape[1]
+        rope = self.rope_for(T) if tdtm is None else self.rope.tables(T, tdtm.positions(T))
         h = p.x
         for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
-            h = spatial(h, p.y, p.y_bias, p.t_mlp, None, x_mask, p.t0_mlp)
-            h = temporal(h, p.y, p.y_bias, p.t_mlp, rope, x_mask, p.t0_mlp)
+            h = spatial(h, p.y, p.y_bias, p.t_mlp, None, x_mask, p.t0_mlp, tdtm)
+            h = temporal(h, p.y, p.y_bias, p.t_mlp, rope, x_mask, p.t0_mlp, tdtm)
         return self.epilogue(h, p.t, (Tx, Hx, Wx), x_mask, p.t0).float()
 
 
