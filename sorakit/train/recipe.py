@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sorakit.adherence import EVAL_CFG, EVAL_PROMPTS, EVAL_SEED, EVAL_STEPS, score_set
-from sorakit.export.models import TorchModels, build, save_checkpoint
+from sorakit.export.models import TorchModels, build, load, save_checkpoint
 from sorakit.export.reference import ReferencePipeline
 from sorakit.export.sampler import timestep_transform
 from sorakit.presets import ModelPreset, SpatialVAEConfig, STDiT3Config, T5Config, TemporalVAEConfig, VAEConfig
@@ -61,17 +61,17 @@ class RecipeConfig:
     # spatial VAE (frames)
     spatial_steps: int = 500
     spatial_batch: int = 16
-    spatial_lr: float = 6e-4
+    spatial_lr: float = 1e-3
     object_weight: float = 9.0  # extra loss weight on pixels that are not background
     kl_weight: float = 1e-7
     # temporal VAE (clips of spatial latents)
-    temporal_steps: int = 400
+    temporal_steps: int = 500
     temporal_batch: int = 8
     temporal_pixel_frames: int = 2  # frames per clip decoded for the pixel loss
-    temporal_lr: float = 6e-4
+    temporal_lr: float = 1e-3
     encode_batch: int = 64  # frames per spatial-encoder call when encoding the data set
     # DiT + T5
-    dit_steps: int = 2200
+    dit_steps: int = 1600
     dit_batch: int = 32
     dit_lr: float = 5e-4
     dit_warmup: int = 200
@@ -80,7 +80,7 @@ class RecipeConfig:
     caption_dropout: float = 0.1
     grad_clip: float = 1.0
     # evaluation
-    eval_every: int = 550
+    eval_every: int = 800
     eval_prompts: int = 24
     eval_steps: int = EVAL_STEPS
     eval_cfg: float = EVAL_CFG
@@ -230,7 +230,7 @@ def train_spatial_vae(vae: nn.Module, videos: np.ndarray, cfg: RecipeConfig, log
     history = []
     with prog:
         for step in range(cfg.spatial_steps):
-            set_lr(opt, lr_at(step, cfg.spatial_steps, cfg.spatial_lr, max(cfg.spatial_steps // 10, 1)))
+            set_lr(opt, lr_at(step, cfg.spatial_steps, cfg.spatial_lr, max(cfg.spatial_steps // 10, 1), 0.6))
             clips, frames = rng.integers(N, size=cfg.spatial_batch), rng.integers(Fr, size=cfg.spatial_batch)
             x = to_unit(videos[clips, frames])
             post = ae.encode(x).latent_dist
@@ -249,7 +249,7 @@ def train_spatial_vae(vae: nn.Module, videos: np.ndarray, cfg: RecipeConfig, log
                 log.info(
                     f"spatial VAE step {step + 1}/{cfg.spatial_steps} rec {mean:.4f} kl {kl.item():.1f} psnr {psnr(rec, x):.1f}"
                 )
-                log.event("spatial_vae", step=step + 1, rec=mean, kl=float(kl))
+                log.event("spatial_vae", step=step + 1, rec=mean, kl=kl.item())
     ae.eval()
 
 
@@ -290,7 +290,7 @@ def train_temporal_vae(
     history = []
     with prog:
         for step in range(cfg.temporal_steps):
-            set_lr(opt, lr_at(step, cfg.temporal_steps, cfg.temporal_lr, max(cfg.temporal_steps // 10, 1)))
+            set_lr(opt, lr_at(step, cfg.temporal_steps, cfg.temporal_lr, max(cfg.temporal_steps // 10, 1), 0.6))
             idx = rng.integers(N, size=cfg.temporal_batch)
             xz = torch.from_numpy(s_mean[idx]) + torch.from_numpy(s_std[idx]) * torch.randn(s_mean[idx].shape)
             mean, logvar = tvae.encode_moments(xz)
@@ -316,7 +316,7 @@ def train_temporal_vae(
                 log.info(
                     f"temporal VAE step {step + 1}/{cfg.temporal_steps} latent {h[0]:.4f} pixel {h[1]:.4f} psnr {psnr(pix, x):.1f}"
                 )
-                log.event("temporal_vae", step=step + 1, latent=float(h[0]), pixel=float(h[1]), kl=float(kl))
+                log.event("temporal_vae", step=step + 1, latent=float(h[0]), pixel=float(h[1]), kl=kl.item())
     tvae.eval()
     for p in spatial.parameters():
         p.requires_grad_(True)
@@ -342,6 +342,18 @@ def set_latent_norm(vae: nn.Module, z_mean: np.ndarray, z_std: np.ndarray) -> tu
         vae.shift.copy_(torch.tensor(shift)[None, :, None, None, None])
         vae.scale.copy_(torch.tensor(scale)[None, :, None, None, None])
     return shift, scale
+
+
+@torch.no_grad()
+def spatial_roundtrip_check(vae: nn.Module, cfg: RecipeConfig, num: int = 24) -> dict:
+    """Frames through the spatial VAE alone (posterior mean): PSNR and adherence."""
+    videos, captions, _ = shapes_data.make_dataset(num, cfg.seed, start=10_000_000)
+    x = to_unit(videos.reshape(-1, *videos.shape[2:]))
+    ae = vae.spatial_vae.module
+    rec = torch.cat([ae.decode(ae.encode(x[i : i + 64]).latent_dist.mean).sample for i in range(0, len(x), 64)])
+    rec_u8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).numpy()
+    s = score_set(rec_u8.reshape(videos.shape), captions)
+    return {"psnr": round(psnr(rec, x), 2), "colour_acc": s["colour_acc"], "direction_acc": s["direction_acc"]}
 
 
 @torch.no_grad()
@@ -597,9 +609,16 @@ def load_trained(out: Path, preset: ModelPreset) -> TorchModels:
 # the whole recipe
 # ---------------------------------------------------------------------------------------
 def run(
-    out: str | Path, cfg: RecipeConfig | None = None, preset: ModelPreset | None = None, quiet: bool = False
+    out: str | Path,
+    cfg: RecipeConfig | None = None,
+    preset: ModelPreset | None = None,
+    quiet: bool = False,
+    vae_from: str | Path | None = None,
 ) -> dict:
-    """Train everything into ``out``; returns the training record (also out/training.json)."""
+    """Train everything into ``out``; returns the training record (also out/training.json).
+
+    ``vae_from``: a previous output directory whose VAE is reused (for DiT-only ablations).
+    """
     cfg = cfg or RecipeConfig()
     preset = preset or default_shapes_preset()
     out = Path(out)
@@ -623,19 +642,30 @@ def run(
     batch = tok(captions)
     log.stage("tokenizer", vocab=tok.tok.get_vocab_size(), max_tokens=max(batch.lengths))
 
-    vae = build("vae", preset).float()
-    log.stage("vae", params=sum(p.numel() for p in vae.parameters()))
-    t = time.time()
-    train_spatial_vae(vae, videos, cfg, log)
-    log.stage("spatial_vae", seconds=round(time.time() - t, 1))
+    if vae_from is None:
+        vae = build("vae", preset).float()
+    else:  # ablations: reuse a trained VAE (and its latent normalisation), train only T5 + DiT
+        vae = load("vae", Path(vae_from) / "vae", preset).float().eval()
+    log.stage("vae", params=sum(p.numel() for p in vae.parameters()), reused_from=str(vae_from) if vae_from else None)
+    if vae_from is None:
+        t = time.time()
+        train_spatial_vae(vae, videos, cfg, log)
+        log.stage("spatial_vae", seconds=round(time.time() - t, 1))
+        rt_s = spatial_roundtrip_check(vae, cfg)
+        log.stage("spatial_vae", roundtrip=rt_s)
+        log.info(f"spatial VAE round trip on held-out clips: {rt_s}")
     t = time.time()
     s_mean, s_std = encode_spatial(vae, videos, cfg.encode_batch, log)
     log.stage("encode_spatial", seconds=round(time.time() - t, 1))
-    t = time.time()
-    train_temporal_vae(vae, videos, s_mean, s_std, cfg, log)
-    log.stage("temporal_vae", seconds=round(time.time() - t, 1))
+    if vae_from is None:
+        t = time.time()
+        train_temporal_vae(vae, videos, s_mean, s_std, cfg, log)
+        log.stage("temporal_vae", seconds=round(time.time() - t, 1))
     z_mean, z_std = encode_temporal(vae, s_mean)
-    shift, scale = set_latent_norm(vae, z_mean, z_std)
+    if vae_from is None:
+        shift, scale = set_latent_norm(vae, z_mean, z_std)
+    else:
+        shift, scale = vae.shift.flatten().tolist(), vae.scale.flatten().tolist()
     z_mean = (z_mean - np.array(shift, np.float32)[None, :, None, None, None]) / np.array(scale, np.float32)[
         None, :, None, None, None
     ]
@@ -646,6 +676,7 @@ def run(
         "latents", shape=list(z_mean.shape), shift=shift, scale=scale, posterior_std=float(z_std.mean()), roundtrip=rt
     )
     log.info(f"VAE round trip on held-out clips: {rt}; latent shift {shift} scale {scale}")
+    save_fp16(vae, out / "vae", "vae", ("shift", "scale"))  # early, so DiT-only ablations can reuse it
 
     text_encoder = build("text_encoder", preset)
     transformer = build("transformer", preset)

@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  colour {score['colour_acc']:.1%}  direction {score['direction_acc']:.1%}  both {score['both_acc']:.1%}")
     for r in score["per_prompt"]:
         mark = ("C" if r["colour_ok"] else "-") + ("D" if r["direction_ok"] else "-")
-        print(f"  [{mark}] {r['prompt']:<55} -> {r['colour']}, {r['direction']} disp {r['displacement']} R2 {r['linearity']}")
+        print(
+            f"  [{mark}] {r['prompt']:<55} -> {r['colour']}, {r['direction']} disp {r['displacement']} R2 {r['linearity']}"
+        )
     cos = velocity_cosines(models, list(EVAL_PROMPTS), EVAL_STEPS, EVAL_CFG, EVAL_SEED)
     mean = cos.mean(axis=0)
     print("velocity cosine (mean over prompts) per step:", " ".join(f"{c:.3f}" for c in mean))
@@ -124,8 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.diagnostics:
         for base in (512 * 512, 256 * 256):
             s, _ = adherence(with_transform_base(models, base))
-            out[f"transform_base_{int(base**0.5)}"] = {"colour_acc": s["colour_acc"], "direction_acc": s["direction_acc"]}
-            print(f"sampling with transform base {int(base**0.5)}^2: colour {s['colour_acc']:.1%} direction {s['direction_acc']:.1%}")
+            out[f"transform_base_{int(base**0.5)}"] = {
+                "colour_acc": s["colour_acc"],
+                "direction_acc": s["direction_acc"],
+            }
+            print(
+                f"sampling with transform base {int(base**0.5)}^2: colour {s['colour_acc']:.1%} direction {s['direction_acc']:.1%}"
+            )
     if args.img:
         img = Path(args.img)
         plot_velocity_cosine(cos, img / "velocity_cosine.png", "shapes model, 30 steps, CFG 7: cos(v_i, v_i+1)")

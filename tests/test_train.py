@@ -1,0 +1,158 @@
+"""The shapes model: data generator, tokenizer, adherence score, training recipe, shipped weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sorakit.adherence import COLOURS, EVAL_PROMPTS, parse_prompt, score_set, score_video
+from sorakit.train.data import make_clip, make_dataset
+
+SHIPPED_LIMIT_BYTES = 25 * 1024 * 1024
+
+
+# -- data generator ----------------------------------------------------------------------
+def test_generator_is_deterministic():
+    a, cap_a, attr_a = make_clip(7, seed=3)
+    b, cap_b, attr_b = make_clip(7, seed=3)
+    assert np.array_equal(a, b) and cap_a == cap_b and attr_a == attr_b
+    c, _, _ = make_clip(7, seed=4)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(a, make_clip(8, seed=3)[0])
+
+
+def test_generator_geometry_and_balance():
+    videos, captions, attrs = make_dataset(48, seed=0)
+    assert videos.shape == (48, 17, 64, 64, 3) and videos.dtype == np.uint8
+    assert len(set(a["colour"] for a in attrs)) >= 6
+    assert {a["direction"] for a in attrs} == {"left", "right", "up", "down"}
+    assert len(set(a["shape"] for a in attrs)) >= 4
+    # any 24 consecutive clips hold every (colour, direction) pair once
+    assert len({(a["colour"], a["direction"]) for a in attrs[:24]}) == 24
+    assert len(set(captions)) > 40  # wording varies
+
+
+def test_captions_parse_back_to_attributes():
+    _, captions, attrs = make_dataset(96, seed=1)
+    for caption, a in zip(captions, attrs):
+        intent = parse_prompt(caption)
+        assert (intent.colour, intent.direction, intent.shape) == (a["colour"], a["direction"], a["shape"]), caption
+        assert intent.background in (None, a["background"]), caption
+
+
+# -- adherence score ---------------------------------------------------------------------
+def test_adherence_is_perfect_on_ground_truth_clips():
+    videos, captions, _ = make_dataset(48, seed=2)
+    s = score_set(videos, captions)
+    assert s["colour_acc"] == 1.0 and s["direction_acc"] == 1.0
+
+
+def test_adherence_rejects_wrong_direction_and_colour():
+    videos, captions, attrs = make_dataset(24, seed=5)
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    turn = {"left": "up", "up": "right", "right": "down", "down": "left"}
+    for video, a in zip(videos, attrs):
+        good = f"a {a['colour']} {a['shape']} moving {a['direction']}"
+        assert score_video(video, good)["direction_ok"]
+        assert not score_video(video, f"a {a['colour']} {a['shape']} moving {opposite[a['direction']]}")["direction_ok"]
+        assert not score_video(video, f"a {a['colour']} {a['shape']} moving {turn[a['direction']]}")["direction_ok"]
+        assert not score_video(video[::-1], good)["direction_ok"]  # time-reversed
+        other = next(c for c in COLOURS if c != a["colour"])
+        assert not score_video(video, f"a {other} {a['shape']} moving {a['direction']}")["colour_ok"]
+
+
+def test_adherence_rejects_static_and_empty_videos():
+    video, caption, _ = make_clip(0, seed=0)
+    still = np.repeat(video[:1], len(video), axis=0)
+    assert not score_video(still, caption)["direction_ok"]
+    blank = np.zeros_like(video)
+    r = score_video(blank, caption)
+    assert not r["colour_ok"] and not r["direction_ok"]
+
+
+def test_eval_prompts_cover_every_colour_and_direction():
+    assert len(EVAL_PROMPTS) == 24
+    pairs = {(parse_prompt(p).colour, parse_prompt(p).direction) for p in EVAL_PROMPTS}
+    assert len(pairs) == 24
+
+
+# -- tokenizer ---------------------------------------------------------------------------
+def test_tokenizer_has_t5_ids_and_unknown_words(tmp_path):
+    from sorakit.tokenizer import PromptTokenizer
+    from sorakit.train.data import all_caption_words
+    from sorakit.train.tokenizer import train_tokenizer
+
+    path = train_tokenizer(all_caption_words(), tmp_path / "tokenizer.json")
+    tok = PromptTokenizer(path, 24)
+    assert (tok.tok.token_to_id("<pad>"), tok.tok.token_to_id("</s>"), tok.tok.token_to_id("<unk>")) == (0, 1, 2)
+    batch = tok(["a red circle moving right", "a crimson zeppelin drifting sideways"])
+    assert batch.ids[0, batch.lengths[0] - 1] == 1 and batch.unknown[0] == 0
+    assert batch.unknown[1] == 4 and batch.ids[1, 0] == tok.tok.token_to_id("a")
+
+
+# -- the recipe --------------------------------------------------------------------------
+def test_recipe_runs_end_to_end_on_a_tiny_config(tmp_path):
+    from sorakit.train.recipe import load_trained, run, tiny_config, tiny_shapes_preset
+
+    preset = tiny_shapes_preset()
+    record = run(tmp_path, tiny_config(), preset, quiet=True)
+    for name in ("transformer", "vae", "text_encoder"):
+        assert (tmp_path / name / "model.safetensors").is_file()
+    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "training.json").is_file()
+    assert len(record["velocity_cosine_mean"]) == tiny_config().eval_steps - 1
+    models = load_trained(tmp_path, preset)  # strict
+    assert models.vae.scale.flatten().tolist() == pytest.approx(record["vae_scale"])
+
+
+# -- the shipped model -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():
+    from sorakit.train.report import SHIPPED_DIR, load_shipped
+
+    if not (SHIPPED_DIR / "transformer" / "model.safetensors").is_file():
+        pytest.fail(f"the shipped shapes model is missing from {SHIPPED_DIR}")
+    return load_shipped()
+
+
+def test_shipped_files_within_size_limit():
+    from sorakit.train.report import SHIPPED_DIR
+
+    files = [p for p in SHIPPED_DIR.rglob("*") if p.is_file()]
+    names = {p.relative_to(SHIPPED_DIR).as_posix() for p in files}
+    for need in (
+        "transformer/model.safetensors",
+        "vae/model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer.json",
+    ):
+        assert need in names
+    assert sum(p.stat().st_size for p in files) <= SHIPPED_LIMIT_BYTES
+
+
+def test_shipped_weights_load_strictly(shipped):
+    from sorakit.export.models import load
+    from sorakit.presets import shapes_preset
+    from sorakit.train.report import SHIPPED_DIR
+
+    preset = shapes_preset()
+    for name in ("transformer", "vae", "text_encoder"):
+        load(name, SHIPPED_DIR / name, preset)
+    # the preset states the latent normalisation the weights were trained with
+    assert shipped.vae.shift.flatten().tolist() == pytest.approx(list(preset.vae.shift), abs=1e-6)
+    assert shipped.vae.scale.flatten().tolist() == pytest.approx(list(preset.vae.scale), abs=1e-6)
+
+
+def test_default_generation_follows_the_prompt(shipped):
+    from sorakit.export.reference import ReferencePipeline
+
+    prompts = list(EVAL_PROMPTS[:4])  # red circle/square/triangle/diamond, one per direction
+    res = ReferencePipeline(shipped)(prompts, seed=0, steps=30, cfg_scale=7.0)
+    s = score_set(res.video, prompts)
+    assert s["colour_acc"] == 1.0 and s["direction_acc"] == 1.0, s["per_prompt"]
+
+
+def test_prompt_outside_the_vocabulary_still_generates(shipped):
+    from sorakit.export.reference import ReferencePipeline
+
+    res = ReferencePipeline(shipped)(["a crimson zeppelin drifting sideways!"], seed=1, steps=4, cfg_scale=7.0)
+    assert res.video.shape == (1, 17, 64, 64, 3) and np.isfinite(res.video_float).all()
