@@ -75,3 +75,24 @@ def copy_bundle(src, dst):
 
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer_even(tmp_path_factory):
+    """Only the transformer of the tiny preset, 34 frames (T = 10 latent frames, even)."""
+    from sorakit.export.exporter import ExportSettings, export_bundle
+    from sorakit.presets import tiny_preset
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-even"
+    export_bundle(ExportSettings(tiny_preset(), 64, 64, 34, components=("transformer",), verify=False), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def optimized_tiny(tiny_bundle, tmp_path_factory):
+    """tiny bundle after tdtm, prune and int8 (gates enforced)."""
+    from sorakit.graph_passes.pipeline import optimize_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-opt"
+    report = optimize_bundle(tiny_bundle[0], out, "tdtm,prune,int8", gate_steps=10)
+    return out, report

@@ -128,6 +128,21 @@ def test_dynamic_export_runs_other_sizes(tmp_path):
         for i in range(2):
             want = full.temporal_blocks[i](full.spatial_blocks[i](want, y, bias, t_mlp), y, bias, t_mlp, rope)
     assert np.abs(got - want.numpy()).max() < 1e-4
+    # the prologue too (position embedding and patching at a new size)
+    from sorakit.export.pieces import Prologue
+
+    pro = Prologue(PRESET)
+    pro.load_state_dict({k: v for k, v in full.state_dict().items() if k in pro.state_dict()})
+    prologue = m.components["transformer"].graphs[0]
+    args = (torch.randn(2, 4, 7, 8, 10), torch.tensor([300.0, 300.0]), torch.randn(2, 16, 32),
+            torch.ones(2, 16, dtype=torch.int64), torch.tensor([24.0]), torch.tensor([64.0]), torch.tensor([80.0]))
+    sess = ort.InferenceSession(str(out / prologue.file))
+    got = sess.run(None, {t.name: a.numpy() for t, a in zip(prologue.inputs, args)})
+    with torch.no_grad():
+        want = pro(*args)
+    assert got[0].shape == (2, 7, 20, 64)
+    for g_, w_ in zip(got, want):
+        assert np.abs(g_ - w_.numpy()).max() < 1e-4
 
 
 def test_manifest_records_settings(tiny_bundle):

@@ -89,7 +89,7 @@ def test_rope_interleaved_pairs_by_hand():
 
 def test_position_embedding_width_code_first_sin_then_cos():
     dim, h, w = 8, 2, 3
-    pe = position_embedding_2d(dim, h, w, torch.tensor([1.0]), base_size=1.0)[0]  # [h*w, dim]
+    pe = position_embedding_2d(dim, h, w, torch.tensor([1.0]), base_size=torch.tensor(1.0))[0]  # [h*w, dim]
     inv = 1.0 / (10000 ** (torch.arange(0, 4, 2).float() / 4))
     token = 1 * w + 2  # row 1, column 2
     col, row = 2 * (1.0 / w), 1 * (1.0 / h)

@@ -145,7 +145,7 @@ class BundleStaging:
         self._adopt_previous_bundle()
 
     def _adopt_previous_bundle(self) -> None:
-        """Hard-link finished files of an existing complete bundle, so they can be reused."""
+        """Copy finished files of an existing complete bundle, so they can be reused."""
         prev = self.out / PROGRESS
         if not (self.out / MANIFEST).is_file() or not prev.is_file():
             return
@@ -161,10 +161,7 @@ class BundleStaging:
                         break
                     if not dst.exists():
                         dst.parent.mkdir(parents=True, exist_ok=True)
-                        try:
-                            os.link(src, dst)
-                        except OSError:
-                            shutil.copy2(src, dst)
+                        shutil.copy2(src, dst)  # not a hard link: onnx refuses hard-linked external data
                 if ok:
                     self.progress[key] = rec
 

@@ -7,8 +7,10 @@ import sys
 
 import typer
 
+from sorakit.cli import devices as device_cmds
 from sorakit.cli import export as export_cmds
 from sorakit.cli import generate as generate_cmd
+from sorakit.cli import optimize as optimize_cmd
 from sorakit.cli._common import err_console
 from sorakit.errors import SorakitError
 
@@ -22,6 +24,8 @@ app = typer.Typer(
 app.command("generate")(generate_cmd.generate)
 app.command("export")(export_cmds.export)
 app.command("inspect")(export_cmds.inspect)
+device_cmds.register(app)
+app.command("optimize")(optimize_cmd.optimize)
 
 
 def main() -> None:

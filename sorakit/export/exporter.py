@@ -199,10 +199,10 @@ def export_graph(module, spec: PieceSpec, args: tuple, path: Path, opset: int, e
                               output_names=output_names, dynamic_axes=dynamic_axes or None,
                               do_constant_folding=True)
             model = onnx.load_from_string(buf.getvalue())
-    if spec.role == "block":
+    if spec.role == "block" and not dynamic_axes:
         from sorakit.graph_passes.tdtm import mark_boundaries
 
-        mark_boundaries(model)  # the contract the TDTM pass relies on
+        mark_boundaries(model)  # the contract the TDTM pass relies on (dynamic graphs: after `pin`)
     save_with_external_data(model, path)
 
 

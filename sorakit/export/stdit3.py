@@ -189,7 +189,7 @@ class CaptionEmbedder(nn.Module):
         return self.y_proj(caption)
 
 
-def position_embedding_2d(dim: int, h: int, w: int, scale: torch.Tensor, base_size: float) -> torch.Tensor:
+def position_embedding_2d(dim: int, h: int, w: int, scale: torch.Tensor, base_size) -> torch.Tensor:
     """Open-Sora's PositionEmbedding2D: [1, h*w, dim], column code first, each [sin, cos].
 
     ``scale`` is a tensor (sqrt(height*width)/input_sq_size) so pixel sizes can be graph inputs.
@@ -395,7 +395,7 @@ class STDiT3(nn.Module):
     # -- pieces the exporter also uses on their own --------------------------------------
     def grid(self, x_shape) -> tuple[int, int, int]:
         pt, ph, pw = self.config.patch_size
-        Tx, Hx, Wx = (int(d) for d in x_shape[2:])  # python ints even while tracing (static export)
+        Tx, Hx, Wx = x_shape[2:]  # callers pass dims(x): ints when tracing, symbolic under dynamo
         return -(-Tx // pt), -(-Hx // ph), -(-Wx // pw)
 
     def embed_time(self, timestep: torch.Tensor, fps: torch.Tensor, B: int) -> torch.Tensor:
@@ -409,7 +409,9 @@ class STDiT3(nn.Module):
         B = dims(x)[0]
         T, H, W = self.grid(dims(x))
         S = H * W
-        base_size = float(round(S**0.5))
+        # round(sqrt(S)) as tensor ops, so a dynamic-shape export keeps S symbolic (Python's round
+        # would specialise it); torch.round also rounds half to even
+        base_size = torch.round(torch.sqrt(torch.ones((), dtype=torch.float32) * S))
         scale = torch.sqrt(height.reshape(-1)[:1].float() * width.reshape(-1)[:1].float()) / self.config.input_sq_size
         pos = position_embedding_2d(self.config.hidden_size, H, W, scale, base_size).to(x.dtype)
 

@@ -47,21 +47,29 @@ POSITIONS = ("midpoint", "compressed")
 def mark_boundaries(model: onnx.ModelProto) -> list[str]:
     """Name the attention boundaries of a block graph; returns the attention modules found."""
     g = model.graph
-    modules = sorted({_attention_module(module_path(n)) for n in g.node} - {None})
+    nodes = list(g.node)
+    users: dict[str, list[int]] = {}
+    for k, n in enumerate(nodes):
+        for i in n.input:
+            users.setdefault(i, []).append(k)
+    owner = _attention_owners(nodes, users)
+    modules = sorted(set(owner) - {None})
     consts = constant_names(g)
     graph_inputs = {i.name for i in g.input}
-    cons = consumers(g)
+    graph_outputs = {x.name for x in g.output}
+    floats = _float_values(model)  # shape arithmetic (ints) may cross module borders in dynamic graphs
     found = []
     for m in modules:
-        region = [n for n in g.node if in_module(n, m)]
-        produced = {o for n in region for o in n.output}
+        region = [k for k in range(len(nodes)) if owner[k] == m]
+        produced = {o for k in region for o in nodes[k].output}
         ext_in = []
-        for n in region:
-            for i in n.input:
-                if i and i not in produced and i not in consts and i not in graph_inputs and i not in ext_in:
+        for k in region:
+            for i in nodes[k].input:
+                if (i and i not in produced and i not in consts and i not in graph_inputs and i not in ext_in
+                        and i in floats):
                     ext_in.append(i)
-        ext_out = [o for o in produced
-                   if any(not in_module(c, m) for c in cons.get(o, [])) or o in {x.name for x in g.output}]
+        ext_out = [o for o in produced if o in floats and (
+            any(owner[c] != m for c in users.get(o, [])) or o in graph_outputs)]
         if len(ext_in) != 1 or len(ext_out) != 1:
             raise SorakitError(f"cannot mark TDTM boundaries of {m}: inputs {ext_in}, outputs {ext_out}")
         rename_value(g, ext_in[0], m + TDTM_IN)
@@ -69,6 +77,35 @@ def mark_boundaries(model: onnx.ModelProto) -> list[str]:
         found.append(m)
     _mark_rope(model, [m for m in found if m.startswith("temporal_blocks.") and m.endswith(".attn")])
     return found
+
+
+def _attention_owners(nodes: list[onnx.NodeProto], users: dict[str, list[int]]) -> list[str | None]:
+    """Attention module of every node (by position). Nodes the exporter left without a scope
+    (the dynamo optimizer drops it on some rewritten nodes) take the module all their
+    consumers share."""
+    owner = [_attention_module(module_path(n)) for n in nodes]
+    unscoped = [k for k, n in enumerate(nodes) if not module_path(n)]
+    for _ in range(4):
+        changed = False
+        for k in unscoped:
+            if owner[k] is not None:
+                continue
+            mods = {owner[c] for o in nodes[k].output for c in users.get(o, [])}
+            if len(mods) == 1 and None not in mods:
+                owner[k] = mods.pop()
+                changed = True
+        if not changed:
+            break
+    return owner
+
+
+def _float_values(model: onnx.ModelProto) -> set[str]:
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(model, strict_mode=False)
+    g = inferred.graph
+    return {v.name for v in list(g.value_info) + list(g.input) + list(g.output)
+            if v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
 
 
 def _attention_module(path: str) -> str | None:
@@ -90,7 +127,8 @@ def _mark_rope(model: onnx.ModelProto, temporal_attn: list[str]) -> None:
     used = set()
     for n in g.node:
         if any(in_module(n, m) for m in temporal_attn):
-            used.update(i for i in n.input if i in inits and len(inits[i].dims) == 2)
+            used.update(i for i in n.input if i in inits and len(inits[i].dims) == 2
+                        and inits[i].data_location != onnx.TensorProto.EXTERNAL)  # tables are small, inline
     groups: dict[str, list[str]] = {"cos": [], "sin": []}
     arrays = {name: onnx.numpy_helper.to_array(inits[name]) for name in used}
     for name, arr in arrays.items():

@@ -1,0 +1,81 @@
+"""`sorakit optimize`: graph passes over a bundle, each verified, into a new bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from sorakit.cli._common import BundleArg, JsonOpt, console, human_bytes, parse_resolution, print_json, progress_bar
+from sorakit.errors import SorakitError
+
+
+def optimize(
+    bundle: BundleArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to write (the input is not modified)")],
+    passes: Annotated[str | None, typer.Option(help="Comma-separated: pin, tdtm, prune, simplify, fp16, int8")] = None,
+    device: Annotated[str | None, typer.Option(help="Apply a device profile's passes (e.g. iphone-15-pro)")] = None,
+    resolution: Annotated[str | None, typer.Option(help="pin: HEIGHTxWIDTH")] = None,
+    frames: Annotated[int | None, typer.Option(help="pin: frame count")] = None,
+    tdtm_positions: Annotated[str, typer.Option(help="tdtm: RoPE positions of merged frames, midpoint or compressed")] = "midpoint",
+    gate: Annotated[list[str] | None, typer.Option(help="Quality gate override, NAME=MIN_SSIM (e.g. int8=0.9)")] = None,
+    gate_steps: Annotated[int | None, typer.Option(help="Denoising steps of the gate's videos (default: the bundle's)")] = None,
+    force: Annotated[bool, typer.Option(help="Apply a lossy pass even when it fails its quality gate")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rewrite a bundle's graphs: TDTM, pruning, precision, shape pinning."""
+    from sorakit.bundle.io import Bundle
+    from sorakit.graph_passes.pipeline import optimize_bundle
+
+    names: list[str] = [p.strip() for p in passes.split(",") if p.strip()] if passes else []
+    if device:
+        from sorakit.devices.profiles import get_profile
+
+        profile = get_profile(device)
+        names += [p for p in profile.optimize_passes if p not in names]
+        if profile.static_shapes and not Bundle.open(bundle).manifest.static and "pin" not in names:
+            names.insert(0, "pin")
+    if not names:
+        raise SorakitError("no passes given: use --passes NAME[,NAME...] or --device NAME")
+    gates = {}
+    for g in gate or []:
+        key, _, val = g.partition("=")
+        try:
+            gates[key.strip()] = float(val)
+        except ValueError:
+            raise SorakitError(f"--gate expects NAME=MIN_SSIM, got {g!r}") from None
+    settings = {"tdtm": {"positions": tdtm_positions}}
+    if resolution or frames:
+        settings["pin"] = {"resolution": parse_resolution(resolution) if resolution else None, "frames": frames}
+    with progress_bar() as bar:
+        tasks = {}
+
+        def on_progress(name, i, n):
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"pass {name}", total=n)
+            bar.update(tasks[name], completed=i, total=n)
+
+        report = optimize_bundle(bundle, out, names, settings, gates, force, gate_steps, on_progress)
+    if as_json:
+        print_json({"out": str(out), "passes": [r.to_dict() for r in report.records]})
+        return
+    for r in report.records:
+        table = Table(title=f"pass {r.name} {r.settings if any(r.settings.values()) else ''}".strip())
+        for col in ("graph", "nodes", "bytes", "check", "note"):
+            table.add_column(col)
+        for c in r.changes:
+            check = f"max err {c.max_abs_err:.1e}" if c.max_abs_err is not None else ""
+            table.add_row(c.graph, f"{c.nodes_before} -> {c.nodes_after}",
+                          f"{human_bytes(c.bytes_before)} -> {human_bytes(c.bytes_after)}", check, c.note)
+        console.print(table)
+        if r.gate:
+            gt = r.gate
+            if "skipped" in gt:
+                console.print(f"  quality gate skipped: {gt['skipped']}")
+            else:
+                verdict = "passed" if gt["passed"] else "FAILED (forced)"
+                console.print(f"  quality gate ({gt['compared']}): mean SSIM {gt['value']:.4f} (min {gt['min']:.4f}), "
+                              f"PSNR {gt['psnr_db']:.1f} dB, threshold {gt['threshold']} -> {verdict}")
+    console.print(f"wrote {out}")

@@ -1,0 +1,543 @@
+"""The passes: pin, tdtm, prune, simplify, fp16, int8 (registry at the bottom)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from sorakit.bundle.manifest import GraphEntry, Manifest, TensorSpec
+from sorakit.errors import SorakitError
+from sorakit.graph_passes import tdtm as tdtm_mod
+from sorakit.graph_passes.base import GraphChange, GraphPass, Workspace, new_name, save_shared
+from sorakit.graph_passes.flops import count_flops
+from sorakit.graph_passes.onnx_utils import clear_shapes, static_shapes, toposort
+from sorakit.presets import ModelPreset, decode_chunks
+
+log = logging.getLogger(__name__)
+
+
+def _applied(manifest: Manifest) -> list[str]:
+    return [p["name"] for p in manifest.passes]
+
+
+def _refuse_after(manifest: Manifest, name: str, later: tuple[str, ...]) -> None:
+    done = [p for p in _applied(manifest) if p in later]
+    if done:
+        raise SorakitError(
+            f"pass {name!r} must run before {', '.join(done)}, which this bundle already carries; "
+            f"apply it to the bundle as exported (e.g. --passes {name},{','.join(done)})"
+        )
+
+
+def _refuse_twice(manifest: Manifest, name: str) -> None:
+    if name in _applied(manifest):
+        raise SorakitError(f"the bundle already carries pass {name!r}; applying it twice is refused")
+
+
+def _all(manifest: Manifest, components=None, variants: bool = True) -> list[tuple[str, GraphEntry]]:
+    out = []
+    for comp, c in manifest.components.items():
+        if components is None or comp in components:
+            for g in c.graphs:
+                out.append((comp, g))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tdtm
+# ---------------------------------------------------------------------------------------------
+class TDTMPass(GraphPass):
+    """Add a TDTM variant to every transformer block graph (sharing its weight file)."""
+
+    name = "tdtm"
+    order = 20
+    lossy = True
+    requires_static = True
+
+    def __init__(self, positions: str = "midpoint", **kw: Any):
+        if positions not in tdtm_mod.POSITIONS:
+            raise SorakitError(f"unknown TDTM positions {positions!r}; one of {tdtm_mod.POSITIONS}")
+        super().__init__(positions=positions, **kw)
+
+    def check(self, manifest: Manifest) -> None:
+        _refuse_twice(manifest, self.name)
+        _refuse_after(manifest, self.name, ("prune", "simplify", "fp16", "int8"))
+        if "transformer" not in manifest.components:
+            raise SorakitError("pass 'tdtm' needs the transformer component, which this bundle lacks")
+        if not manifest.static:
+            raise SorakitError("pass 'tdtm' needs static shapes; add 'pin' before it (--passes pin,tdtm ...)")
+
+    def targets(self, manifest):
+        return [(c, g) for c, g in _all(manifest, ("transformer",)) if g.role == "block"]
+
+    def rewrite(self, ws: Workspace, manifest, component, entry) -> list[GraphChange]:
+        model = ws.load(entry.file)
+        if not tdtm_mod.boundaries(model):
+            raise SorakitError(f"graph {entry.name} is not a transformer block with TDTM boundaries; pass 'tdtm' "
+                               "applies only to blocks exported by sorakit")
+        result = tdtm_mod.inject(model, self._settings["positions"])
+        rel = new_name(entry.file, "tdtm")
+        ws.save(result.model, rel)  # initializers keep pointing at the plain graph's data file
+        flops_before, flops_after = count_flops(model), count_flops(result.model)
+        variant = GraphEntry(
+            name=entry.name + ".tdtm", role="block", file=rel, data=entry.data,
+            inputs=[copy.deepcopy(t) for t in entry.inputs], outputs=[copy.deepcopy(t) for t in entry.outputs],
+            modules=list(entry.modules), params=entry.params, flops=flops_after,
+            info={"frames": result.frames, "merged_frames": result.merged_frames,
+                  "positions": self._settings["positions"], "flops_saved": flops_before - flops_after},
+        )
+        entry.variants["tdtm"] = variant
+        saved = 100.0 * (flops_before - flops_after) / max(flops_before, 1)
+        return [GraphChange(variant.name, len(model.graph.node), len(result.model.graph.node), 0,
+                            ws.path(rel).stat().st_size,
+                            note=f"T {result.frames} -> {result.merged_frames}; FLOPs {flops_before / 1e9:.3f} -> "
+                                 f"{flops_after / 1e9:.3f} G (-{saved:.1f}%)", new_variant="tdtm")]
+
+
+# ---------------------------------------------------------------------------------------------
+# prune: dead nodes, unused initializers, identity casts, static shape arithmetic folding
+# ---------------------------------------------------------------------------------------------
+FOLD_LIMIT = 1 << 16  # elements; larger results stay computed (weights are never touched)
+
+
+def prune_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for _ in range(8):
+        changed = _fold_shapes(g, static_shapes(m))
+        changed |= _fold_constants(g)
+        changed |= _drop_identity_casts(g, static_shapes(m))
+        changed |= _drop_dead(g)
+        if not changed:
+            break
+    clear_shapes(g)
+    toposort(g)
+    return m
+
+
+def _inline_constants(g: onnx.GraphProto) -> dict[str, np.ndarray]:
+    vals = {}
+    for i in g.initializer:
+        if i.data_location != onnx.TensorProto.EXTERNAL and np.prod(i.dims, dtype=np.int64) <= FOLD_LIMIT:
+            vals[i.name] = numpy_helper.to_array(i)
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            vals[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return vals
+
+
+def _set_constant(g: onnx.GraphProto, name: str, value: np.ndarray) -> None:
+    g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+
+
+def _fold_shapes(g: onnx.GraphProto, shapes) -> bool:
+    changed = False
+    keep = []
+    for n in g.node:
+        s = shapes.get(n.input[0]) if n.op_type in ("Shape", "Size") and n.input else None
+        if s and all(isinstance(d, int) and d > 0 for d in s):
+            if n.op_type == "Shape":
+                start = next((a.i for a in n.attribute if a.name == "start"), 0)
+                end = next((a.i for a in n.attribute if a.name == "end"), len(s))
+                _set_constant(g, n.output[0], np.array(s[start:end], dtype=np.int64))
+            else:
+                _set_constant(g, n.output[0], np.array(int(np.prod(s)), dtype=np.int64))
+            changed = True
+            continue
+        keep.append(n)
+    if changed:
+        del g.node[:]
+        g.node.extend(keep)
+    return changed
+
+
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
+
+
+def _fold_constants(g: onnx.GraphProto) -> bool:
+    from onnx.reference import ReferenceEvaluator
+
+    vals = _inline_constants(g)
+    changed = False
+    keep = []
+    for n in g.node:
+        if n.op_type == "Constant":
+            keep.append(n)
+            continue
+        ins = [i for i in n.input if i]
+        if (n.op_type in _NONDETERMINISTIC or n.domain not in ("", "ai.onnx") or not ins
+                or not all(i in vals for i in ins)):
+            keep.append(n)
+            continue
+        try:
+            sub = helper.make_graph([n], "fold", [], [helper.make_tensor_value_info(o, 0, None) for o in n.output],
+                                    [numpy_helper.from_array(vals[i], i) for i in ins])
+            outs = ReferenceEvaluator(helper.make_model(sub, opset_imports=[helper.make_opsetid("", 18)])).run(None, {})
+        except Exception:  # noqa: BLE001 - anything the reference evaluator cannot do stays computed
+            keep.append(n)
+            continue
+        if any(np.asarray(o).size > FOLD_LIMIT for o in outs):
+            keep.append(n)
+            continue
+        for name, value in zip(n.output, outs):
+            _set_constant(g, name, np.asarray(value))
+            vals[name] = np.asarray(value)
+        changed = True
+    if changed:
+        del g.node[:]
+        g.node.extend(keep)
+    return changed
+
+
+def _elem_type(g: onnx.GraphProto, name: str) -> int | None:
+    for coll in (g.input, g.value_info, g.output):
+        for v in coll:
+            if v.name == name:
+                return v.type.tensor_type.elem_type
+    return None
+
+
+def _drop_identity_casts(g: onnx.GraphProto, shapes) -> bool:
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]),
+                                            strict_mode=False).graph
+    changed = False
+    outputs = {o.name for o in g.output}
+    for n in list(g.node):
+        if n.op_type != "Cast" or n.output[0] in outputs:
+            continue
+        to = next(a.i for a in n.attribute if a.name == "to")
+        if _elem_type(inferred, n.input[0]) == to:
+            src, dst = n.input[0], n.output[0]
+            for c in g.node:
+                c.input[:] = [src if i == dst else i for i in c.input]
+            g.node.remove(n)
+            changed = True
+    return changed
+
+
+def _drop_dead(g: onnx.GraphProto) -> bool:
+    needed = {o.name for o in g.output}
+    live = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            live.append(n)
+            needed.update(i for i in n.input if i)
+    live.reverse()
+    inits = [i for i in g.initializer if i.name in needed]
+    changed = len(live) != len(g.node) or len(inits) != len(g.initializer)
+    if changed:
+        del g.node[:]
+        g.node.extend(live)
+        del g.initializer[:]
+        g.initializer.extend(inits)
+    return changed
+
+
+class PrunePass(GraphPass):
+    """Exact clean-up after structural surgery; never touches the weights (variants keep sharing)."""
+
+    name = "prune"
+    order = 30
+
+    def check(self, manifest):
+        _refuse_twice(manifest, self.name)
+        _refuse_after(manifest, self.name, ("fp16", "int8", "simplify"))
+
+    def targets(self, manifest):
+        return _all(manifest)
+
+    def rewrite(self, ws, manifest, component, entry) -> list[GraphChange]:
+        changes = []
+        for e in [entry] + list(entry.variants.values()):
+            model = ws.load(e.file)
+            before = ws.size(e)
+            pruned = prune_model(model)
+            rel = new_name(e.file, "prune")
+            ws.save(pruned, rel)
+            old = copy.deepcopy(e)
+            e.file = rel
+            changes.append(GraphChange(e.name, len(model.graph.node), len(pruned.graph.node), before, ws.size(e),
+                                       replaced=old))
+        return changes
+
+
+class SimplifyPass(GraphPass):
+    """onnxsim (constant folding and its fusions). Rewrites weights, so TDTM variants get their own copy."""
+
+    name = "simplify"
+    order = 35
+
+    def check(self, manifest):
+        _refuse_twice(manifest, self.name)
+        _refuse_after(manifest, self.name, ("fp16", "int8"))
+
+    def targets(self, manifest):
+        return _all(manifest)
+
+    def rewrite(self, ws, manifest, component, entry) -> list[GraphChange]:
+        import onnxsim
+
+        changes = []
+        for e in [entry] + list(entry.variants.values()):
+            model = ws.load(e.file, with_data=True)
+            before = ws.size(e)
+            simplified, ok = onnxsim.simplify(model, perform_optimization=False)
+            if not ok:
+                raise SorakitError(f"onnxsim could not validate its result for {e.name}")
+            rel = new_name(e.file, "simplify")
+            old = copy.deepcopy(e)
+            e.file, e.data = rel, rel + ".data"
+            ws.save(simplified, rel, e.data)
+            changes.append(GraphChange(e.name, len(model.graph.node), len(simplified.graph.node), before, ws.size(e),
+                                       replaced=old))
+        return changes
+
+
+# ---------------------------------------------------------------------------------------------
+# precision
+# ---------------------------------------------------------------------------------------------
+FP32_ISLANDS = ["Softmax", "LayerNormalization", "GroupNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal",
+                "InstanceNormalization", "Exp", "Log", "Cos", "Sin"]
+
+
+class _PrecisionPass(GraphPass):
+    components: tuple[str, ...] = ()
+    tag = ""
+
+    def check(self, manifest):
+        _refuse_twice(manifest, self.name)
+        other = {"fp16": "int8", "int8": "fp16"}[self.name]
+        if other in _applied(manifest):
+            raise SorakitError(f"the bundle already carries {other!r}; fp16 and int8 do not combine")
+
+    def targets(self, manifest):
+        comps = self._settings.get("components") or self.components
+        return [(c, g) for c, g in _all(manifest) if c in comps]
+
+    def convert(self, ws: Workspace, e: GraphEntry) -> onnx.ModelProto:
+        raise NotImplementedError
+
+    def rewrite(self, ws, manifest, component, entry) -> list[GraphChange]:
+        base_before = ws.size(entry)
+        base_nodes = len(ws.load(entry.file).graph.node)
+        base = self.convert(ws, entry)
+        variants = {}
+        olds = {entry.name: copy.deepcopy(entry)}
+        nodes_before = {}
+        for v in entry.variants.values():
+            olds[v.name] = copy.deepcopy(v)
+            nodes_before[v.name] = len(ws.load(v.file).graph.node)
+            variants[new_name(v.file, self.tag)] = (v, self.convert(ws, v))
+        rel = new_name(entry.file, self.tag)
+        entry.file, entry.data = rel, rel + ".data"
+        save_shared(ws, base, rel, entry.data, {r: m for r, (_, m) in variants.items()})
+        changes = [GraphChange(entry.name, base_nodes, len(base.graph.node), base_before, ws.size(entry),
+                               replaced=olds[entry.name])]
+        for r, (v, m) in variants.items():
+            before = ws.size(v)
+            v.file, v.data = r, entry.data
+            changes.append(GraphChange(v.name, nodes_before[v.name], len(m.graph.node), before,
+                                       ws.path(r).stat().st_size, note="weights shared with " + entry.name,
+                                       replaced=olds[v.name]))
+        return changes
+
+
+def _drop_duplicate_casts(g: onnx.GraphProto) -> None:
+    first: dict[str, onnx.NodeProto] = {}
+    keep = []
+    for n in g.node:
+        dup = [o for o in n.output if o in first]
+        if dup:
+            other = first[dup[0]]
+            same = (n.op_type == other.op_type == "Cast" and list(n.input) == list(other.input)
+                    and n.attribute == other.attribute)
+            if not same:
+                raise SorakitError(f"fp16 conversion produced two different definitions of {dup[0]}")
+            continue
+        for o in n.output:
+            first[o] = n
+        keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+
+
+def _unique_node_names(g: onnx.GraphProto) -> None:
+    seen: dict[str, int] = {}
+    for n in g.node:
+        if n.name in seen:
+            seen[n.name] += 1
+            n.name = f"{n.name}_{seen[n.name]}"
+        else:
+            seen[n.name] = 0
+
+
+class FP16Pass(_PrecisionPass):
+    """fp16 weights and compute, with fp32 islands (softmax, normalisation) and fp32 I/O.
+
+    The text encoder stays fp32: T5 overflows in fp16 (its activations exceed 65504).
+    """
+
+    name = "fp16"
+    order = 40
+    lossy = True
+    components = ("transformer", "vae")
+    tag = "fp16"
+
+    def targets(self, manifest):
+        # the transformer's prologue and epilogue stay fp32: they are tiny, and the timestep and
+        # position sinusoids (arguments up to ~1000) lose their phase in fp16
+        return [(c, g) for c, g in super().targets(manifest) if g.role not in ("prologue", "epilogue")]
+
+    def convert(self, ws, e):
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = ws.load(e.file, with_data=True)
+        converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_ISLANDS)
+        _drop_duplicate_casts(converted.graph)  # the converter may insert one Cast per consumer, alike
+        _unique_node_names(converted.graph)
+        return converted
+
+
+class Int8Pass(_PrecisionPass):
+    """Dynamic int8 weight quantisation (QInt8) of MatMul weights; activations quantised at run time."""
+
+    name = "int8"
+    order = 40
+    lossy = True
+    components = ("transformer", "text_encoder")
+    tag = "int8"
+
+    def convert(self, ws, e):
+        import tempfile
+        from pathlib import Path
+
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        model = ws.load(e.file, with_data=True)
+        clear_shapes(model.graph)
+        with tempfile.TemporaryDirectory(dir=ws.root) as tmp:
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            onnx.save(model, str(src), save_as_external_data=True, location="in.onnx.data")
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             per_channel=bool(self._settings.get("per_channel", False)),
+                             use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+            return onnx.load(str(dst), load_external_data=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# pin: dynamic -> static shapes
+# ---------------------------------------------------------------------------------------------
+class PinPass(GraphPass):
+    """Fix every dynamic dimension for one resolution and frame count (Core ML wants static shapes)."""
+
+    name = "pin"
+    order = 10
+
+    def __init__(self, resolution: tuple[int, int] | None = None, frames: int | None = None, **kw):
+        super().__init__(resolution=list(resolution) if resolution else None, frames=frames, **kw)
+
+    def check(self, manifest):
+        if manifest.static:
+            raise SorakitError("the bundle already has static shapes; 'pin' applies to bundles exported with --dynamic")
+        if not self._settings.get("resolution") or not self._settings.get("frames"):
+            raise SorakitError("pass 'pin' needs --resolution HxW and --frames N")
+        preset = ModelPreset.from_dict(manifest.preset)
+        h, w = self._settings["resolution"]
+        n = self._settings["frames"]
+        from sorakit.presets import check_geometry
+
+        check_geometry(preset, n, h, w)
+        if "vae" in manifest.components and len(set(decode_chunks(n, preset.vae.micro_frame_size,
+                                                                  preset.vae.temporal.time_downsample))) > 1:
+            mfs = preset.vae.micro_frame_size
+            raise SorakitError(f"static bundles decode in equal chunks: frames must be a multiple of {mfs} "
+                               f"or below it (got {n})")
+
+    def dims(self, manifest: Manifest) -> dict[str, int]:
+        preset = ModelPreset.from_dict(manifest.preset)
+        h, w = self._settings["resolution"]
+        n = self._settings["frames"]
+        T, lh, lw = preset.latent_size(n, h, w)
+        ph, pw = preset.stdit.patch_size[1:]
+        zt, nf = decode_chunks(n, preset.vae.micro_frame_size, preset.vae.temporal.time_downsample)[0]
+        d = {"batch": 1, "batch2": 2, "latent_frames": T, "latent_height": lh, "latent_width": lw,
+             "tokens": (-(-lh // ph)) * (-(-lw // pw)), "frames": preset.vae.spatial.micro_batch_size,
+             "chunk_latent_frames": zt, "chunk_frames": nf,
+             "chunk_decoded_frames": zt * preset.vae.temporal.time_downsample}
+        for level in range(len(preset.vae.temporal.channel_multipliers)):
+            ups = sum(preset.vae.temporal.temporal_downsample[level:])
+            d[f"frames_l{level}"] = zt * 2**ups
+        return d
+
+    def targets(self, manifest):
+        return _all(manifest)
+
+    def rewrite(self, ws, manifest, component, entry) -> list[GraphChange]:
+        dims = self.dims(manifest)
+
+        def fixed(spec: TensorSpec) -> list[int]:
+            try:
+                return [d if isinstance(d, int) else dims[d] for d in spec.shape]
+            except KeyError as e:
+                raise SorakitError(f"cannot pin {entry.name}: unknown dimension {e.args[0]!r}") from None
+
+        model = ws.load(entry.file)
+        before = ws.size(entry)
+        g = model.graph
+        for coll, specs in ((g.input, entry.inputs), (g.output, entry.outputs)):
+            by_name = {t.name: fixed(t) for t in specs}
+            for vi in coll:
+                for d, v in zip(vi.type.tensor_type.shape.dim, by_name.get(vi.name, [])):
+                    d.ClearField("dim_param")
+                    d.dim_value = v
+        pinned = prune_model(model)  # folds the now-constant shape arithmetic; weights untouched
+        left = [n.op_type for n in pinned.graph.node if n.op_type in ("Shape", "Size")]
+        if left:
+            raise SorakitError(f"pinning {entry.name} left {len(left)} shape computations unresolved")
+        if entry.role == "block":
+            tdtm_mod.mark_boundaries(pinned)  # names the TDTM boundaries now that the graph is static
+        old = copy.deepcopy(entry)
+        rel = new_name(entry.file, "pin")
+        entry.file = rel  # the weights stay in the original external-data file
+        ws.save(pinned, rel)
+        entry.inputs = [TensorSpec(t.name, fixed(t), t.dtype, t.binds) for t in entry.inputs]
+        entry.outputs = [TensorSpec(t.name, fixed(t), t.dtype, t.binds) for t in entry.outputs]
+        entry.flops = count_flops(pinned)
+        return [GraphChange(entry.name, len(model.graph.node), len(pinned.graph.node), before, ws.size(entry),
+                            replaced=old)]
+
+    def finish(self, manifest):
+        h, w = self._settings["resolution"]
+        n = self._settings["frames"]
+        preset = ModelPreset.from_dict(manifest.preset)
+        manifest.geometry = {"static": True, "height": h, "width": w, "num_frames": n,
+                             "latent": list(preset.latent_size(n, h, w)), "batch": 1, "batch2": 2}
+        if "vae" in manifest.components:
+            manifest.components["vae"].info["chunks"] = decode_chunks(
+                n, preset.vae.micro_frame_size, preset.vae.temporal.time_downsample)
+
+
+PASSES: dict[str, type[GraphPass]] = {
+    p.name: p for p in (PinPass, TDTMPass, PrunePass, SimplifyPass, FP16Pass, Int8Pass)
+}
+
+
+def parse_passes(spec: str | list[str]) -> list[str]:
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise SorakitError(f"unknown pass {unknown[0]!r}; known passes: {', '.join(PASSES)}")
+    if len(set(names)) != len(names):
+        raise SorakitError(f"a pass is listed twice: {names}")
+    return sorted(names, key=lambda n: PASSES[n].order)
+
+
+__all__ = ["PASSES", "parse_passes", "prune_model"]
