@@ -7,7 +7,6 @@ import sys
 
 import typer
 
-from sorakit.cli import devices as device_cmds
 from sorakit.cli import export as export_cmds
 from sorakit.cli import generate as generate_cmd
 from sorakit.cli import optimize as optimize_cmd
@@ -24,7 +23,6 @@ app = typer.Typer(
 app.command("generate")(generate_cmd.generate)
 app.command("export")(export_cmds.export)
 app.command("inspect")(export_cmds.inspect)
-device_cmds.register(app)
 app.command("optimize")(optimize_cmd.optimize)
 
 
