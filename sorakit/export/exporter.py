@@ -372,7 +372,7 @@ def export_bundle(
             components[comp] = _export_component(comp, settings, geo, sources[comp], staging, report, files,
                                                  progress, fail_after)
         files += _write_side_files(settings, sources, staging, checkpoints, tokenizer_source)
-        manifest = _manifest(settings, geo, components, staging.records(files), report)
+        manifest = _manifest(settings, geo, components, staging.records(files), report, checkpoints)
     except OSError as e:
         msg = disk_full_message(e, str(staging.dir))
         if msg:
@@ -519,7 +519,7 @@ def tool_versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__}
 
 
-def _manifest(settings, geo, components, records, report) -> Manifest:
+def _manifest(settings, geo, components, records, report, checkpoints) -> Manifest:
     preset = settings.preset
     p = preset.to_dict()
     return Manifest(
@@ -538,8 +538,8 @@ def _manifest(settings, geo, components, records, report) -> Manifest:
             "exporter": settings.exporter,
             "granularity": settings.granularity,
             "t5_lookup_outside": settings.t5_lookup_outside,
-            "weights": {c: ("random" if s is None else str(s)) for c, s in
-                        ((c, None) for c in settings.components)},
+            "weights": {c: (f"random:{settings.seed}" if checkpoints.get(c) is None
+                            else str(Path(checkpoints[c]).resolve())) for c in settings.components},
             "seed": settings.seed,
             "tools": tool_versions(),
             "verification": {"enabled": settings.verify, "chain": report.chain},

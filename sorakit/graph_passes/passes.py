@@ -426,9 +426,15 @@ class Int8Pass(_PrecisionPass):
         with tempfile.TemporaryDirectory(dir=ws.root) as tmp:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             onnx.save(model, str(src), save_as_external_data=True, location="in.onnx.data")
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             per_channel=bool(self._settings.get("per_channel", False)),
-                             use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+            root = logging.getLogger()
+            level = root.level
+            root.setLevel(logging.ERROR)  # the quantiser advises pre-processing on every call
+            try:
+                quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                                 per_channel=bool(self._settings.get("per_channel", False)),
+                                 use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+            finally:
+                root.setLevel(level)
             return onnx.load(str(dst), load_external_data=True)
 
 

@@ -1,0 +1,161 @@
+"""`sorakit bench`: the paper's Table 1 (latency per component) and Table 5 (ablation), measured.
+
+Every row is one generation (after a warm-up) in a fresh process, so its peak RSS is its
+own; speedups are ratios within this one run. Rows:
+
+* torch eager fp32 — the reference pipeline (baseline of the "everything" target);
+* ORT fp32 — the runtime, every block resident;
+* +LPL — the leap after 15 of 30 steps (16 transformer calls);
+* +TDTM — merged blocks for the first 15 steps;
+* +CI-DL — a memory budget of 40 % of the transformer's bytes, blocks streamed;
+* +int8 — dynamically quantised MatMul weights;
+* all — LPL + TDTM + CI-DL + int8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sorakit.bundle.io import Bundle
+from sorakit.errors import SorakitError
+from sorakit.metrics import psnr, video_ssim
+
+
+@dataclass
+class BenchSettings:
+    prompt: str = "a red circle moving right on a black background"
+    steps: int = 30
+    seed: int = 0
+    threads: int | None = None
+    leap_at: int | None = None  # default: half the steps (the paper's 15 of 30)
+    tdtm_steps: int | None = None  # default: half the steps
+    budget_fraction: float = 0.4
+    torch_spec: dict[str, Any] | None = None  # how the torch row loads its models; None: no torch row
+    rows: list[str] = field(default_factory=lambda: ["torch", "ort", "lpl", "tdtm", "cidl", "int8", "all"])
+
+
+ROW_TITLES = {
+    "torch": "torch eager fp32",
+    "ort": "ORT fp32 (all resident)",
+    "lpl": "+LPL",
+    "tdtm": "+TDTM",
+    "cidl": "+CI-DL",
+    "int8": "+int8",
+    "all": "all (LPL+TDTM+CI-DL+int8)",
+}
+
+
+def _subprocess(module: str, spec: dict) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise SorakitError(f"bench row {spec.get('name')!r} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def variant_bundles(bundle: Path, work: Path, progress: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """The bundle with TDTM variants, and with TDTM + int8 (made once into ``work``)."""
+    from sorakit.graph_passes.pipeline import optimize_bundle
+
+    applied = [p["name"] for p in Bundle.open(bundle).manifest.passes]
+    out = {"fp32": bundle}
+    jobs = {"tdtm": ["tdtm"], "tdtm_int8": ["tdtm", "int8"]}
+    for key, passes in jobs.items():
+        todo = [p for p in passes if p not in applied]
+        target = work / key
+        if (target / "manifest.json").is_file():
+            out[key] = target
+            continue
+        if progress:
+            progress(f"optimize {','.join(todo)}")
+        optimize_bundle(bundle, target, todo, gates={p: None for p in todo})
+        out[key] = target
+    return out
+
+
+def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = None,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    bundle = Path(bundle)
+    m = Bundle.open(bundle).manifest
+    tmp = tempfile.TemporaryDirectory() if work is None else None
+    work = Path(tmp.name) if tmp else Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    bundles = variant_bundles(bundle, work, progress)
+    transformer_bytes = sum(m.files[f]["bytes"] for g in m.components["transformer"].graphs for f in g.files())
+    budget = int(settings.budget_fraction * transformer_bytes)
+    from sorakit.runtime.pipeline import Pipeline
+
+    probe = Pipeline.from_bundle(bundle, memory_budget="unlimited", verify=False)
+    minimum = probe.scheduler.minimum_budget(m.all_graphs())
+    probe.close()
+    budget_note = ""
+    if budget < minimum:  # e.g. a model whose VAE blocks outweigh 40 % of its transformer
+        budget_note = (f"{settings.budget_fraction:.0%} of the transformer ({budget / 1e6:.1f} MB) is below the "
+                       f"smallest workable budget; raised to {minimum / 1e6:.1f} MB")
+        budget = minimum
+    s = settings
+    s.leap_at = s.steps // 2 if s.leap_at is None else s.leap_at
+    s.tdtm_steps = s.steps // 2 if s.tdtm_steps is None else s.tdtm_steps
+    common = {"prompt": s.prompt, "steps": s.steps, "seed": s.seed, "threads": s.threads}
+    specs = {
+        "ort": {"bundle": str(bundles["fp32"])},
+        "lpl": {"bundle": str(bundles["fp32"]), "lpl": str(s.leap_at)},
+        "tdtm": {"bundle": str(bundles["tdtm"]), "tdtm_steps": s.tdtm_steps},
+        "cidl": {"bundle": str(bundles["fp32"]), "memory_budget": budget},
+        "int8": {"bundle": str(bundles["tdtm_int8"])},
+        "all": {"bundle": str(bundles["tdtm_int8"]), "lpl": str(s.leap_at), "tdtm_steps": s.tdtm_steps,
+                "memory_budget": budget},
+    }
+    rows: dict[str, dict] = {}
+    for key in s.rows:
+        frames = str(work / f"frames_{key}.npy")
+        if key == "torch":
+            if s.torch_spec is None:
+                continue
+            spec = {**common, **s.torch_spec, "name": ROW_TITLES[key], "frames_out": frames}
+            module = "sorakit.export.bench_torch"
+        else:
+            spec = {**common, **specs[key], "name": ROW_TITLES[key], "frames_out": frames}
+            module = "sorakit.evaluation.row"
+        if progress:
+            progress(f"row {ROW_TITLES[key]}")
+        rows[key] = _subprocess(module, spec)
+        rows[key]["frames_file"] = frames
+    ref = np.load(rows["ort"]["frames_file"]) if "ort" in rows else None
+    base_t = rows.get("torch", {}).get("seconds", {})
+    base_o = rows.get("ort", {}).get("seconds", {})
+    for r in rows.values():
+        frames = np.load(r.pop("frames_file"))
+        if ref is not None:
+            r["ssim_vs_ort_fp32"] = video_ssim(ref, frames)
+            r["psnr_vs_ort_fp32"] = psnr(ref, frames)
+        sec = r["seconds"]
+        if base_t:
+            r["speedup_vs_torch"] = base_t["total"] / sec["total"]
+            r["transformer_speedup_vs_torch"] = base_t["transformer"] / sec["transformer"]
+        if base_o:
+            r["speedup_vs_ort"] = base_o["total"] / sec["total"]
+            r["transformer_speedup_vs_ort"] = base_o["transformer"] / sec["transformer"]
+    result = {
+        "bundle": str(bundle),
+        "preset": m.preset["name"],
+        "geometry": m.geometry,
+        "settings": {k: v for k, v in s.__dict__.items() if k != "torch_spec"},
+        "memory_budget_bytes": budget,
+        "memory_budget_note": budget_note,
+        "transformer_bytes": transformer_bytes,
+        "rows": {ROW_TITLES[k]: v for k, v in rows.items()},
+    }
+    if tmp:
+        tmp.cleanup()
+    return result

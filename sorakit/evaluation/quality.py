@@ -1,0 +1,165 @@
+"""`sorakit eval`: what the speed-ups cost in quality, against the full-step fp32 output.
+
+For fixed prompts and seeds: SSIM and PSNR of each LPL setting (the paper's Table 3), each
+TDTM merge-step count (Table 4), fp16 and int8, against the 30-step fp32 video; a temporal
+flicker score for every row; the cosine similarity of consecutive CFG velocities per step
+(Figure 5); and, on the shipped model, the adherence score (colour and direction correct).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sorakit.bundle.io import Bundle
+from sorakit.metrics import flicker, psnr, video_ssim
+
+
+@dataclass
+class EvalSettings:
+    prompts: list[str] = field(default_factory=lambda: [
+        "a red circle moving right on a black background",
+        "a blue square moving up on a white background",
+        "a yellow triangle moving left on a gray background",
+        "a green diamond moving down",
+    ])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 30
+    cfg: float | None = None
+    lpl: list[str] = field(default_factory=lambda: ["10", "15", "20", "25", "dynamic"])
+    tdtm: list[int] = field(default_factory=lambda: [5, 10, 15, 20, 25, 30])
+    precisions: list[str] = field(default_factory=lambda: ["fp16", "int8"])
+    adherence: bool = True  # only meaningful on the shipped model
+    adherence_rows: list[str] = field(default_factory=lambda: ["reference", "lpl 15", "tdtm 15", "int8"])
+
+
+def _videos(pipe, settings: EvalSettings, **kw) -> tuple[list[np.ndarray], float, int, list]:
+    frames, t_tr, calls, reports = [], 0.0, 0, []
+    for seed in settings.seeds:
+        r = pipe(list(settings.prompts), seed=seed, steps=settings.steps, cfg=settings.cfg, **kw)
+        frames += list(r.videos)
+        t_tr += r.timings.transformer
+        calls += r.sampling.model_calls
+        reports.append(r.sampling)
+    return frames, t_tr, calls, reports
+
+
+def _row(name: str, ref: list[np.ndarray], got: list[np.ndarray], t_ref: float, t: float, calls: int) -> dict:
+    ssims = [video_ssim(a, b) for a, b in zip(ref, got)]
+    return {
+        "name": name,
+        "ssim": float(np.mean(ssims)),
+        "ssim_min": float(np.min(ssims)),
+        "psnr_db": float(np.mean([psnr(a, b) for a, b in zip(ref, got)])),
+        "flicker": float(np.mean([flicker(v) for v in got])),
+        "transformer_seconds": t,
+        "transformer_speedup": t_ref / t if t else float("nan"),
+        "transformer_calls": calls,
+    }
+
+
+def run_eval(bundle: str | Path, settings: EvalSettings, work: Path | None = None,
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    from sorakit.graph_passes.pipeline import optimize_bundle
+    from sorakit.runtime.pipeline import Pipeline
+
+    bundle = Path(bundle)
+    m = Bundle.open(bundle).manifest
+    tmp = tempfile.TemporaryDirectory() if work is None else None
+    work = Path(tmp.name) if tmp else Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda s: None)
+    t_start = time.perf_counter()
+
+    def variant(passes: list[str]) -> Path:
+        target = work / "_".join(passes)
+        if not (target / "manifest.json").is_file():
+            say(f"optimize {','.join(passes)}")
+            optimize_bundle(bundle, target, passes, gates={p: None for p in passes})
+        return target
+
+    def warm(pipe, tdtm: bool = False):  # load every session before anything is timed
+        pipe(settings.prompts[0], steps=2, tdtm_steps=1 if tdtm else 0)
+        return pipe
+
+    say("reference (full steps, fp32)")
+    base = warm(Pipeline.from_bundle(bundle, memory_budget="unlimited"))
+    ref, t_ref, calls_ref, reports = _videos(base, settings)
+    rows = {"reference": _row("reference", ref, ref, t_ref, t_ref, calls_ref)}
+    outputs = {"reference": ref}
+    # Figure 5: cosine of consecutive CFG velocities per step, averaged over samples
+    cos = np.array([[c for c in step] for rep in reports for step in rep.cosine], dtype=np.float64)
+    per_step = np.nanmean(cos.reshape(len(reports), settings.steps, -1), axis=(0, 2)) if cos.size else np.array([])
+
+    for spec in settings.lpl:
+        say(f"LPL {spec}")
+        got, t, calls, _ = _videos(base, settings, lpl=spec)
+        rows[f"lpl {spec}"] = _row(f"LPL {spec}", ref, got, t_ref, t, calls)
+        outputs[f"lpl {spec}"] = got
+    if settings.tdtm:
+        tdtm_pipe = warm(Pipeline.from_bundle(variant(["tdtm"]), memory_budget="unlimited"), tdtm=True)
+        for mstep in settings.tdtm:
+            say(f"TDTM {mstep} steps")
+            got, t, calls, _ = _videos(tdtm_pipe, settings, tdtm_steps=mstep)
+            rows[f"tdtm {mstep}"] = _row(f"TDTM {mstep}/{settings.steps}", ref, got, t_ref, t, calls)
+            outputs[f"tdtm {mstep}"] = got
+        tdtm_pipe.close()
+    for prec in settings.precisions:
+        say(prec)
+        p = warm(Pipeline.from_bundle(variant([prec]), memory_budget="unlimited"))
+        got, t, calls, _ = _videos(p, settings)
+        rows[prec] = _row(prec, ref, got, t_ref, t, calls)
+        outputs[prec] = got
+        p.close()
+    result: dict[str, Any] = {
+        "bundle": str(bundle),
+        "preset": m.preset["name"],
+        "prompts": list(settings.prompts),
+        "seeds": list(settings.seeds),
+        "steps": settings.steps,
+        "cfg": settings.cfg if settings.cfg is not None else m.sampler["cfg_scale"],
+        "rows": rows,
+        "velocity_cosine": [None if np.isnan(v) else float(v) for v in per_step],
+    }
+    if settings.adherence:
+        result["adherence"] = adherence(base, settings, rows, work, variant, say)
+    base.close()
+    result["seconds"] = time.perf_counter() - t_start
+    if tmp:
+        tmp.cleanup()
+    return result
+
+
+def adherence(base, settings: EvalSettings, rows: dict, work: Path, variant, say) -> dict[str, Any]:
+    """The adherence score (colour, direction) of the 24 evaluation prompts, per setting."""
+    from sorakit.adherence import EVAL_PROMPTS, EVAL_SEED, score_set
+    from sorakit.runtime.pipeline import Pipeline
+
+    out = {}
+    prompts = list(EVAL_PROMPTS)
+    for name in settings.adherence_rows:
+        say(f"adherence: {name}")
+        kw: dict[str, Any] = {}
+        pipe = base
+        if name.startswith("lpl "):
+            kw["lpl"] = name.split()[1]
+        elif name.startswith("tdtm "):
+            pipe = Pipeline.from_bundle(variant(["tdtm"]), memory_budget="unlimited")
+            kw["tdtm_steps"] = int(name.split()[1])
+        elif name in ("fp16", "int8"):
+            pipe = Pipeline.from_bundle(variant([name]), memory_budget="unlimited")
+        r = pipe(prompts, seed=EVAL_SEED, steps=settings.steps, cfg=settings.cfg, **kw)
+        scores = score_set(list(r.videos), prompts)
+        out[name] = {k: v for k, v in scores.items() if k != "per_prompt"}
+        out[name]["per_prompt"] = [
+            {k: p[k] for k in ("prompt", "colour", "direction", "colour_ok", "direction_ok")} for p in scores["per_prompt"]
+        ]
+        if pipe is not base:
+            pipe.close()
+    return out

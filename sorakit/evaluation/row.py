@@ -1,0 +1,57 @@
+"""One measured generation in a process of its own (clean peak RSS), driven by `sorakit bench`.
+
+    python -m sorakit.evaluation.row '{"bundle": ..., "prompt": ..., "steps": 30, ...}'
+
+Prints one JSON line with timings, memory and sampler facts, and saves the frames (.npy) to
+``spec["frames_out"]`` so the parent can compare rows. A warm-up generation comes first
+(sessions, page cache), then the measured one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def run_row(spec: dict) -> dict:
+    from sorakit.runtime.memory import PeakRSS, rss_bytes
+    from sorakit.runtime.pipeline import Pipeline
+
+    base = rss_bytes()
+    pipe = Pipeline.from_bundle(spec["bundle"], memory_budget=spec.get("memory_budget") or "unlimited",
+                                threads=spec.get("threads"), prefetch=spec.get("prefetch", True))
+    kw = dict(steps=spec["steps"], cfg=spec.get("cfg"), seed=spec.get("seed", 0), lpl=spec.get("lpl"),
+              tdtm_steps=spec.get("tdtm_steps", 0))
+    if spec.get("warmup", True):  # load every graph the measured run uses (plain and TDTM blocks)
+        pipe(spec["prompt"], **{**kw, "steps": min(2, spec["steps"]), "lpl": None,
+                                "tdtm_steps": min(1, kw["tdtm_steps"])})
+    peak = PeakRSS()
+    peak.reset()
+    t0 = time.perf_counter()
+    r = pipe(spec["prompt"], **kw)
+    wall = time.perf_counter() - t0
+    if spec.get("frames_out"):
+        np.save(spec["frames_out"], r.frames)
+    steps = r.timings.transformer_steps
+    return {
+        "name": spec.get("name", ""),
+        "seconds": {"text_encoder": r.timings.text_encoder, "transformer": r.timings.transformer,
+                    "transformer_per_call": float(np.mean(steps)) if steps else 0.0, "vae": r.timings.vae,
+                    "total": wall},
+        "transformer_calls": r.sampling.model_calls,
+        "peak_rss_bytes": peak.peak(),
+        "base_rss_bytes": base,
+        "loads": r.memory.loads,
+        "bytes_loaded": r.memory.bytes_loaded,
+        "load_exposed_s": r.memory.load_exposed,
+        "load_hidden_s": r.memory.load_hidden,
+        "resident_graphs": len(r.memory.resident),
+        "budget_bytes": pipe.budget,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_row(json.loads(sys.argv[1]))))
