@@ -229,8 +229,16 @@ def save_with_external_data(model, path: Path) -> None:
     for stale in (path, path.parent / data):
         if stale.exists():
             stale.unlink()
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-              size_threshold=1024)
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from sorakit.graph_passes.tdtm import ROPE_COS, ROPE_SIN
+
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    for init in model.graph.initializer:
+        if init.name in (ROPE_COS, ROPE_SIN):  # small tables the TDTM pass rewrites: keep them inline
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
+    onnx.save_model(model, str(path))
     if not (path.parent / data).exists():
         (path.parent / data).write_bytes(b"")  # every graph has a data file, even if all weights are tiny
 

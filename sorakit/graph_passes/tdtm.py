@@ -339,6 +339,8 @@ def _replace_rope(g: onnx.GraphProto, T: int, positions: str, new_inits: list) -
     inits = {i.name: i for i in g.initializer}
     if ROPE_COS not in inits or ROPE_SIN not in inits:
         raise SorakitError("temporal block graph lacks the named RoPE tables (rope_cos, rope_sin); re-export it")
+    if any(inits[n].data_location == onnx.TensorProto.EXTERNAL for n in (ROPE_COS, ROPE_SIN)):
+        raise SorakitError("the RoPE tables are stored as external data; re-export the bundle with this sorakit")
     cos = onnx.numpy_helper.to_array(inits[ROPE_COS]).astype(np.float64)
     sin = onnx.numpy_helper.to_array(inits[ROPE_SIN]).astype(np.float64)
     if T < 2:
