@@ -16,4 +16,4 @@ bench:
 	.venv/bin/python -m benchmarks.run_all --out docs/benchmarks
 
 eval:
-	.venv/bin/sorakit eval --out docs/eval
+	.venv/bin/sorakit eval --out docs/benchmarks
