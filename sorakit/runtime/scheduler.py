@@ -41,6 +41,8 @@ class GraphCost:
     file_bytes: int
     resident: int | None = None  # measured RSS of the session after its first run
     working: int | None = None  # measured extra peak during a run
+    load_s: float | None = None  # measured session creation time (first load, alone)
+    run_s: float | None = None  # measured first run time
 
     @property
     def estimate(self) -> int:
@@ -57,6 +59,7 @@ class SchedulerStats:
     run_seconds: float = 0.0
     prefetches: int = 0
     prefetch_cancelled: int = 0
+    thread_policy: str = "all cores"
     peak_rss: int = 0
     base_rss: int = 0
     resident: list[str] = field(default_factory=list)
@@ -73,7 +76,7 @@ class _Prefetch:
         self.session = None
         self.error: BaseException | None = None
         self.cancelled = False
-        self.options = scheduler.factory.options()
+        self.options = scheduler.factory.options(threads=scheduler.stream_threads())
         self.seconds = 0.0
         self.started = time.perf_counter()
         self._scheduler = scheduler
@@ -188,6 +191,31 @@ class BlockScheduler:
         self.stats.resident = sorted(self.resident, key=names.index)
 
     # -- sessions -------------------------------------------------------------------------------
+    def stream_threads(self) -> int | None:
+        """Intra-op threads for sessions of streamed graphs, chosen from measurements.
+
+        Building the next session overlaps the current run only if a core is free for it. That
+        pays when loading takes longer than computing (e.g. Core ML compiling a model, or a slow
+        disk); when runs dominate, taking a core from every run costs more than the overlap
+        saves. So: one core fewer for streamed sessions only if their measured mean load time
+        exceeds their mean run time, else all cores.
+        """
+        import os
+
+        cores = self.factory.defaults.threads or os.cpu_count() or 1
+        streamed = [self.costs[n] for n in self.active if n not in self.resident]
+        measured = [c for c in streamed if c.load_s is not None and c.run_s is not None]
+        if cores < 2 or not measured:
+            self.stats.thread_policy = "all cores"
+            return None
+        mean_load = sum(c.load_s for c in measured) / len(measured)
+        mean_run = sum(c.run_s for c in measured) / len(measured)
+        if mean_load > mean_run:
+            self.stats.thread_policy = f"{cores - 1} of {cores} cores while prefetching (loads outlast runs)"
+            return cores - 1
+        self.stats.thread_policy = "all cores (runs outlast loads)"
+        return None
+
     def _create(self, g: GraphEntry, options=None):
         self.bundle.verify_graph_files(g)
         return self.factory.create(self.bundle.path(g.file), options)
@@ -207,8 +235,11 @@ class BlockScheduler:
             self.sessions[g.name] = p.session
             return p.session
         t0 = time.perf_counter()
-        sess = self._create(g)
+        streamed = g.name not in self.resident and self.costs[g.name].load_s is not None
+        sess = self._create(g, self.factory.options(threads=self.stream_threads()) if streamed else None)
         dt = time.perf_counter() - t0
+        if self.costs[g.name].load_s is None:
+            self.costs[g.name].load_s = dt
         self.stats.load_exposed += dt
         self._count_load(g, dt)
         self.sessions[g.name] = sess
@@ -279,6 +310,7 @@ class BlockScheduler:
             ctx[o.binds or o.name] = v
         if first:
             c = self.costs[g.name]
+            c.run_s = time.perf_counter() - t0
             c.resident = max(after - before - sum(v.nbytes for v in outs), loaded - before, 0)
             c.working = max(peak - after, 0)
             if self.usage:
