@@ -8,6 +8,7 @@ shipped files, and reused afterwards. Exporting needs torch (the ``export`` extr
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,5 +58,11 @@ def default_bundle(progress: Callable | None = None, cache_dir: Path | None = No
         preset, checkpoints, tokenizer = get_preset("tiny"), {}, None
     h, w = preset.resolution
     settings = ExportSettings(preset, h, w, preset.num_frames)
-    export_bundle(settings, out, checkpoints, progress=progress, tokenizer_source=tokenizer)
+    plain = out.with_name(out.name + "-export")
+    export_bundle(settings, plain, checkpoints, progress=progress, tokenizer_source=tokenizer)
+    # add the TDTM block variants, so --tdtm-steps works out of the box (graph-only, seconds)
+    from sorakit.graph_passes.pipeline import optimize_bundle
+
+    optimize_bundle(plain, out, ["tdtm"], gates={"tdtm": None})
+    shutil.rmtree(plain, ignore_errors=True)
     return out
