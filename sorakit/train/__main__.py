@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="toy model, a handful of steps (smoke test)")
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--vae-from", default=None, help="ablation: reuse this output directory's VAE, train only T5 + DiT")
+    ap.add_argument("--spatial-from", default=None, help="resume: reuse this output directory's spatial VAE")
     ap.add_argument(
         "--transform-base",
         type=int,
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.transform_base:
         sampler = dataclasses.replace(preset.sampler, transform_base_resolution=args.transform_base**2)
         preset = dataclasses.replace(preset, sampler=sampler)
-    run(args.out, cfg, preset, vae_from=args.vae_from)
+    run(args.out, cfg, preset, vae_from=args.vae_from, spatial_from=args.spatial_from)
 
 
 if __name__ == "__main__":
