@@ -8,6 +8,7 @@ import sys
 import typer
 
 from sorakit.cli import bench as bench_cmds
+from sorakit.cli import devices as device_cmds
 from sorakit.cli import export as export_cmds
 from sorakit.cli import generate as generate_cmd
 from sorakit.cli import optimize as optimize_cmd
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.command("generate")(generate_cmd.generate)
 app.command("export")(export_cmds.export)
 app.command("inspect")(export_cmds.inspect)
+device_cmds.register(app)
 app.command("optimize")(optimize_cmd.optimize)
 app.command("bench")(bench_cmds.bench)
 app.command("eval")(bench_cmds.evaluate)
