@@ -198,8 +198,8 @@ def position_embedding_2d(dim: int, h: int, w: int, scale: torch.Tensor, base_si
     inv_freq = 1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))
     grid_h = torch.arange(h, dtype=torch.float32) / scale * (base_size / h)
     grid_w = torch.arange(w, dtype=torch.float32) / scale * (base_size / w)
-    rows = grid_h[:, None].expand(h, w).reshape(-1)
-    cols = grid_w[None, :].expand(h, w).reshape(-1)
+    rows = grid_h[:, None].repeat(1, w).reshape(-1)  # repeat (Tile), not expand: Core ML lacks Expand
+    cols = grid_w[None, :].repeat(h, 1).reshape(-1)
 
     def code(p):
         out = p[:, None] * inv_freq[None, :]
