@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from sorakit.bundle.io import Bundle
 from sorakit.errors import SorakitError
+from sorakit.evaluation.common import WorkDir, variant_bundle
 from sorakit.metrics import psnr, video_ssim
 
 
@@ -63,34 +63,14 @@ def _subprocess(module: str, spec: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def variant_bundles(bundle: Path, work: Path, progress: Callable[[str], None] | None = None) -> dict[str, Path]:
-    """The bundle with TDTM variants, and with TDTM + int8 (made once into ``work``)."""
-    from sorakit.graph_passes.pipeline import optimize_bundle
-
-    applied = [p["name"] for p in Bundle.open(bundle).manifest.passes]
-    out = {"fp32": bundle}
-    jobs = {"tdtm": ["tdtm"], "tdtm_int8": ["tdtm", "int8"]}
-    for key, passes in jobs.items():
-        todo = [p for p in passes if p not in applied]
-        target = work / key
-        if (target / "manifest.json").is_file():
-            out[key] = target
-            continue
-        if progress:
-            progress(f"optimize {','.join(todo)}")
-        optimize_bundle(bundle, target, todo, gates={p: None for p in todo})
-        out[key] = target
-    return out
-
-
 def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = None,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     bundle = Path(bundle)
     m = Bundle.open(bundle).manifest
-    tmp = tempfile.TemporaryDirectory() if work is None else None
-    work = Path(tmp.name) if tmp else Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    bundles = variant_bundles(bundle, work, progress)
+    wd = WorkDir(work)
+    work = wd.path
+    bundles = {"fp32": bundle, "tdtm": variant_bundle(bundle, work, ["tdtm"], progress),
+               "tdtm_int8": variant_bundle(bundle, work, ["tdtm", "int8"], progress)}
     transformer_bytes = sum(m.files[f]["bytes"] for g in m.components["transformer"].graphs for f in g.files())
     budget = int(settings.budget_fraction * transformer_bytes)
     from sorakit.runtime.pipeline import Pipeline
@@ -156,6 +136,5 @@ def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = N
         "transformer_bytes": transformer_bytes,
         "rows": {ROW_TITLES[k]: v for k, v in rows.items()},
     }
-    if tmp:
-        tmp.cleanup()
+    wd.cleanup()
     return result

@@ -8,7 +8,6 @@ flicker score for every row; the cosine similarity of consecutive CFG velocities
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sorakit.bundle.io import Bundle
+from sorakit.evaluation.common import WorkDir, variant_bundle
 from sorakit.metrics import flicker, psnr, video_ssim
 
 
@@ -66,23 +66,17 @@ def _row(name: str, ref: list[np.ndarray], got: list[np.ndarray], t_ref: float, 
 
 def run_eval(bundle: str | Path, settings: EvalSettings, work: Path | None = None,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    from sorakit.graph_passes.pipeline import optimize_bundle
     from sorakit.runtime.pipeline import Pipeline
 
     bundle = Path(bundle)
     m = Bundle.open(bundle).manifest
-    tmp = tempfile.TemporaryDirectory() if work is None else None
-    work = Path(tmp.name) if tmp else Path(work)
-    work.mkdir(parents=True, exist_ok=True)
+    wd = WorkDir(work)
+    work = wd.path
     say = progress or (lambda s: None)
     t_start = time.perf_counter()
 
     def variant(passes: list[str]) -> Path:
-        target = work / "_".join(passes)
-        if not (target / "manifest.json").is_file():
-            say(f"optimize {','.join(passes)}")
-            optimize_bundle(bundle, target, passes, gates={p: None for p in passes})
-        return target
+        return variant_bundle(bundle, work, passes, say)
 
     def warm(pipe, tdtm: bool = False):  # load every session before anything is timed
         pipe(settings.prompts[0], steps=2, tdtm_steps=1 if tdtm else 0)
@@ -131,8 +125,7 @@ def run_eval(bundle: str | Path, settings: EvalSettings, work: Path | None = Non
         result["adherence"] = adherence(base, settings, rows, work, variant, say)
     base.close()
     result["seconds"] = time.perf_counter() - t_start
-    if tmp:
-        tmp.cleanup()
+    wd.cleanup()
     return result
 
 

@@ -255,18 +255,27 @@ class PrunePass(GraphPass):
         return _all(manifest)
 
     def rewrite(self, ws, manifest, component, entry) -> list[GraphChange]:
-        changes = []
-        for e in [entry] + list(entry.variants.values()):
-            model = ws.load(e.file)
-            before = ws.size(e)
-            pruned = prune_model(model)
-            rel = new_name(e.file, "prune")
-            ws.save(pruned, rel)
-            old = copy.deepcopy(e)
-            e.file = rel
-            changes.append(GraphChange(e.name, len(model.graph.node), len(pruned.graph.node), before, ws.size(e),
-                                       replaced=old))
-        return changes
+        return _rewrite_each(ws, entry, "prune", lambda e: prune_model(ws.load(e.file)), new_data=False)
+
+
+def _rewrite_each(ws: Workspace, entry: GraphEntry, tag: str, transform, new_data: bool) -> list[GraphChange]:
+    """Apply ``transform`` to a graph and each of its variants; write ``<stem>.<tag>.onnx`` files.
+
+    With ``new_data`` the result's weights go to a new external-data file of its own; without,
+    the graph keeps pointing at its current weight file (shared with its variants).
+    """
+    changes = []
+    for e in [entry] + list(entry.variants.values()):
+        nodes_before = len(ws.load(e.file).graph.node)
+        before = ws.size(e)
+        model = transform(e)
+        old = copy.deepcopy(e)
+        e.file = new_name(e.file, tag)
+        if new_data:
+            e.data = e.file + ".data"
+        ws.save(model, e.file, e.data if new_data else None)
+        changes.append(GraphChange(e.name, nodes_before, len(model.graph.node), before, ws.size(e), replaced=old))
+    return changes
 
 
 class SimplifyPass(GraphPass):
@@ -285,20 +294,13 @@ class SimplifyPass(GraphPass):
     def rewrite(self, ws, manifest, component, entry) -> list[GraphChange]:
         import onnxsim
 
-        changes = []
-        for e in [entry] + list(entry.variants.values()):
-            model = ws.load(e.file, with_data=True)
-            before = ws.size(e)
-            simplified, ok = onnxsim.simplify(model, perform_optimization=False)
+        def simplify(e: GraphEntry) -> onnx.ModelProto:
+            simplified, ok = onnxsim.simplify(ws.load(e.file, with_data=True), perform_optimization=False)
             if not ok:
                 raise SorakitError(f"onnxsim could not validate its result for {e.name}")
-            rel = new_name(e.file, "simplify")
-            old = copy.deepcopy(e)
-            e.file, e.data = rel, rel + ".data"
-            ws.save(simplified, rel, e.data)
-            changes.append(GraphChange(e.name, len(model.graph.node), len(simplified.graph.node), before, ws.size(e),
-                                       replaced=old))
-        return changes
+            return simplified
+
+        return _rewrite_each(ws, entry, "simplify", simplify, new_data=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,38 @@
+"""Helpers shared by `sorakit bench` and `sorakit eval`."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+class WorkDir:
+    """A working directory: the one given (kept, so variant bundles are reused), or a temporary one."""
+
+    def __init__(self, work: Path | None):
+        self._tmp = tempfile.TemporaryDirectory() if work is None else None
+        self.path = Path(self._tmp.name) if self._tmp else Path(work)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def cleanup(self) -> None:
+        if self._tmp:
+            self._tmp.cleanup()
+
+
+def variant_bundle(bundle: Path, work: Path, passes: list[str], say: Callable[[str], None] | None = None) -> Path:
+    """``bundle`` with ``passes`` applied (ungated: bench and eval measure the effect themselves),
+    made once into ``work`` and reused; passes the bundle already carries are skipped."""
+    from sorakit.bundle.io import Bundle
+    from sorakit.graph_passes.pipeline import optimize_bundle
+
+    applied = {p["name"] for p in Bundle.open(bundle).manifest.passes}
+    todo = [p for p in passes if p not in applied]
+    if not todo:
+        return bundle
+    target = work / "_".join(passes)
+    if not (target / "manifest.json").is_file():
+        if say:
+            say(f"optimize {','.join(todo)}")
+        optimize_bundle(bundle, target, todo, gates={p: None for p in todo})
+    return target
