@@ -64,6 +64,30 @@ def release_memory(collect: bool = False) -> None:
             _libc.malloc_trim(0)
 
 
+_heap_bounded = False
+
+
+def bound_heap(threshold: int = 1 << 20) -> None:
+    """Serve allocations above ``threshold`` with mmap, so freeing them returns the memory.
+
+    glibc otherwise raises its mmap threshold after large frees and serves later large blocks
+    (repacked weights, activations) from the heap, where fragmentation keeps them: with
+    sessions created and dropped every step, RSS crept up by more than the model's size before
+    levelling off. A fixed threshold keeps it flat. Process-wide; set once when a budget is used.
+    """
+    global _heap_bounded, _libc
+    if _heap_bounded or not sys.platform.startswith("linux"):
+        return
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            _libc = False
+    if _libc and hasattr(_libc, "mallopt"):
+        _libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+        _heap_bounded = True
+
+
 class PeakRSS:
     """Peak resident set size since ``reset()``.
 

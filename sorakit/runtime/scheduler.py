@@ -30,7 +30,7 @@ import numpy as np
 from sorakit.bundle.io import Bundle
 from sorakit.bundle.manifest import GraphEntry
 from sorakit.errors import BudgetError, SorakitError
-from sorakit.runtime.memory import PeakRSS, release_memory, rss_bytes
+from sorakit.runtime.memory import PeakRSS, bound_heap, release_memory, rss_bytes
 from sorakit.runtime.session import SessionFactory
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ class BlockScheduler:
         self.factory = factory
         self.budget = budget
         self.prefetch_enabled = prefetch
+        if budget is not None:
+            bound_heap()  # streamed sessions must give their memory back exactly
         self.sessions: dict[str, Any] = {}
         self.costs: dict[str, GraphCost] = {}
         self.resident: set[str] = set()
