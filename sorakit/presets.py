@@ -37,6 +37,11 @@ class STDiT3Config:
     # also drives the adaLN modulation. Only the small shipped model may turn it on; the
     # Open-Sora presets keep it off so their classes and keys stay exactly the released ones.
     caption_to_time: bool = False
+    # Not in Open-Sora either, small models only: add a fixed sinusoidal embedding of the latent
+    # frame index to the tokens. Open-Sora's blocks only see relative frame offsets (temporal
+    # RoPE), so a frame must infer where it sits in the clip from its neighbours; a small model
+    # with little training does not, and cannot lay out a motion.
+    temporal_pos_embed: bool = False
 
     @property
     def out_channels(self) -> int:

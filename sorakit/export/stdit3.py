@@ -208,6 +208,13 @@ def position_embedding_2d(dim: int, h: int, w: int, scale: torch.Tensor, base_si
     return torch.cat([code(cols), code(rows)], dim=-1).unsqueeze(0)
 
 
+def frame_embedding(dim: int, num_frames) -> torch.Tensor:
+    """[T, dim] sinusoid of the latent frame index, [sin, cos] (small-model option only)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim // 2, dtype=torch.float32) * 2 / dim))
+    pos = torch.arange(num_frames, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([torch.sin(pos), torch.cos(pos)], dim=-1)
+
+
 # ---------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------
@@ -436,6 +443,8 @@ class STDiT3(nn.Module):
             t0_mlp = self.t_block(t0)
 
         tokens = self.x_embedder(x) + pos[:, None]  # [B, T, S, C]
+        if self.config.temporal_pos_embed:
+            tokens = tokens + frame_embedding(self.config.hidden_size, T).to(tokens.dtype)[None, :, None, :]
         return PrologueOutput(tokens, y, y_bias, t, t_mlp, t0, t0_mlp)
 
     def epilogue(self, x, t, out_size, x_mask=None, t0=None) -> torch.Tensor:
