@@ -152,3 +152,27 @@ def test_manifest_records_settings(tiny_bundle):
     assert m["export"]["exporter"] == "torchscript" and m["export"]["granularity"] == "pair"
     assert m["null_caption"]["shape"] == [16, 32]
     assert m["tokenizer"]["max_length"] == 16
+
+
+def test_small_model_options_export_and_verify(tmp_path):
+    """The shapes model's extra embeddings (caption pooled into t, frame-index embedding) export
+    and verify like the rest, and they really change the transformer's output."""
+    import dataclasses
+
+    stdit = dataclasses.replace(PRESET.stdit, caption_to_time=True, temporal_pos_embed=True)
+    preset = dataclasses.replace(PRESET, stdit=stdit)
+    report = export_bundle(ExportSettings(preset, 64, 64, 17), tmp_path / "b")
+    for r in report.pieces:
+        assert r.max_abs_err is not None and r.max_abs_err < 1e-4, r.entry.name
+    assert report.end_to_end["max_abs_err"] < 1e-3
+    assert Bundle.open(tmp_path / "b").manifest.preset["stdit"]["temporal_pos_embed"] is True
+
+    with_pos = models.randomized("transformer", preset, seed=0)
+    without = models.build("transformer", dataclasses.replace(preset, stdit=dataclasses.replace(stdit, temporal_pos_embed=False)))
+    without.load_state_dict(with_pos.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, stdit.in_channels, 5, 8, 8, generator=g)
+    y = torch.randn(1, 1, stdit.model_max_length, stdit.caption_channels, generator=g)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        assert (with_pos(x, t, y) - without(x, t, y)).abs().max() > 1e-3
