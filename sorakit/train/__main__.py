@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="toy model, a handful of steps (smoke test)")
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--vae-from", default=None, help="ablation: reuse this output directory's VAE, train only T5 + DiT")
+    ap.add_argument("--dit-from", default=None, help="continue this output directory's T5 + DiT (use with --vae-from)")
+    ap.add_argument("--decoder-steps", type=int, default=None, help="decoder fine-tune steps (0: keep the VAE as is)")
     ap.add_argument("--spatial-from", default=None, help="resume: reuse this output directory's spatial VAE")
     ap.add_argument(
         "--transform-base",
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = tiny_config() if args.tiny else RecipeConfig()
     changes = {"seed": args.seed}
-    for name in ("minutes", "dit_steps", "num_clips", "threads", "eval_every"):
+    for name in ("minutes", "dit_steps", "num_clips", "threads", "eval_every", "decoder_steps"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     cfg = dataclasses.replace(cfg, **changes)
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.transform_base:
         sampler = dataclasses.replace(preset.sampler, transform_base_resolution=args.transform_base**2)
         preset = dataclasses.replace(preset, sampler=sampler)
-    run(args.out, cfg, preset, vae_from=args.vae_from, spatial_from=args.spatial_from)
+    run(args.out, cfg, preset, vae_from=args.vae_from, spatial_from=args.spatial_from, dit_from=args.dit_from)
 
 
 if __name__ == "__main__":

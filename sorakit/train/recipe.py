@@ -604,13 +604,18 @@ def train_dit(
     cfg: RecipeConfig,
     log: Logger,
     on_eval: Callable[[int, dict], None] | None = None,
+    init: bool = True,
 ) -> tuple[nn.Module, nn.Module]:
-    """T5 + STDiT3 with rectified flow; returns the EMA (text_encoder, transformer)."""
+    """T5 + STDiT3 with rectified flow; returns the EMA (text_encoder, transformer).
+
+    ``init=False`` keeps the modules' current weights (continuing a previous run's DiT).
+    """
     preset = models.preset
     torch.manual_seed(cfg.seed + 13)
     rng = np.random.default_rng([cfg.seed, 13])
     dit, t5 = models.transformer.train(), models.text_encoder.train()
-    init_stdit_for_training(dit, cfg.seed + 14)
+    if init:
+        init_stdit_for_training(dit, cfg.seed + 14)
     params = [p for p in list(dit.parameters()) + list(t5.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema_dit, ema_t5 = EMA(dit, cfg.ema_decay), EMA(t5, cfg.ema_decay)
@@ -707,12 +712,15 @@ def run(
     quiet: bool = False,
     vae_from: str | Path | None = None,
     spatial_from: str | Path | None = None,
+    dit_from: str | Path | None = None,
 ) -> dict:
     """Train everything into ``out``; returns the training record (also out/training.json).
 
     ``vae_from``: a previous output directory whose VAE is reused (for DiT-only ablations).
     ``spatial_from``: a previous output directory whose *spatial* VAE is reused (resuming a run
     after the spatial stage; every later stage re-seeds itself, so the rest is unchanged).
+    ``dit_from``: a previous output directory whose T5 and STDiT3 training continues here (with
+    ``vae_from`` pointing at the VAE they were trained on; the learning-rate schedule restarts).
     """
     cfg = cfg or RecipeConfig()
     preset = preset or default_shapes_preset()
@@ -782,8 +790,12 @@ def run(
     log.info(f"VAE round trip on held-out clips: {rt}; latent shift {shift} scale {scale}")
     save_fp16(vae, out / "vae", "vae", ("shift", "scale"))  # early, so DiT-only ablations can reuse it
 
-    text_encoder = build("text_encoder", preset)
-    transformer = build("transformer", preset)
+    if dit_from is not None:
+        text_encoder = load("text_encoder", Path(dit_from) / "text_encoder", preset).float()
+        transformer = load("transformer", Path(dit_from) / "transformer", preset).float()
+    else:
+        text_encoder = build("text_encoder", preset)
+        transformer = build("transformer", preset)
     models = TorchModels(preset, text_encoder, transformer, vae.eval(), tok_path)
     log.stage(
         "dit_params",
@@ -791,11 +803,12 @@ def run(
         text_encoder=sum(p.numel() for p in text_encoder.parameters()),
     )
     t = time.time()
-    ema_t5, ema_dit = train_dit(models, z_mean, z_std, batch.ids, batch.mask, cfg, log)
+    ema_t5, ema_dit = train_dit(models, z_mean, z_std, batch.ids, batch.mask, cfg, log, init=dit_from is None)
     log.stage("dit", seconds=round(time.time() - t, 1))
 
     t = time.time()
-    finetune_decoder(vae, cfg, log)
+    if cfg.decoder_steps > 0:
+        finetune_decoder(vae, cfg, log)
     rt_dec = vae_roundtrip_check(vae, cfg, num=min(24, max(cfg.eval_prompts, 4)))
     log.stage("decoder", seconds=round(time.time() - t, 1), roundtrip=rt_dec)
     log.info(f"VAE round trip after the decoder fine-tune: {rt_dec}")
@@ -817,6 +830,7 @@ def run(
         "vae_shift": shift,
         "vae_scale": scale,
         "vae_roundtrip": rt,
+        "reused": {"vae_from": str(vae_from) if vae_from else None, "dit_from": str(dit_from) if dit_from else None},
         "vae_roundtrip_after_decoder_finetune": rt_dec,
         "file_bytes": sizes,
         "adherence": {
