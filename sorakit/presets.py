@@ -270,6 +270,7 @@ def shapes_preset() -> ModelPreset:
             caption_channels=128,
             model_max_length=24,
             caption_to_time=True,
+            temporal_pos_embed=True,
         ),
         vae=VAEConfig(
             spatial=SpatialVAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
@@ -281,8 +282,9 @@ def shapes_preset() -> ModelPreset:
                 channel_multipliers=(1, 2, 2, 2),
                 num_groups=8,
             ),
-            shift=(0.0,) * 8,
-            scale=(1.0,) * 8,
+            # per-channel mean/std of the trained VAE's latents (written by the recipe, see docs/training.md)
+            shift=(0.2978, -0.163, -0.344, 0.331, -0.341, -0.2962, 0.018, -0.0363),
+            scale=(0.7465, 0.1013, 1.1073, 1.0373, 1.4433, 0.6901, 1.0028, 1.4316),
         ),
         t5=T5Config(vocab_size=512, d_model=128, d_kv=32, d_ff=256, num_layers=3, num_heads=4, max_length=24),
         sampler=SamplerConfig(transform_base_resolution=64 * 64),

@@ -79,16 +79,16 @@ class RecipeConfig:
     decoder_object_weight: float = 20.0
     decoder_latent_noise: float = 0.05  # robustness to imperfect DiT latents
     # DiT + T5
-    dit_steps: int = 1500
-    dit_batch: int = 32
-    dit_lr: float = 5e-4
+    dit_steps: int = 3200
+    dit_batch: int = 24
+    dit_lr: float = 8e-4
     dit_warmup: int = 200
     dit_decay_from: float = 0.6  # cosine decay to 10 % over the last 40 % of the steps
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     grad_clip: float = 1.0
     # evaluation
-    eval_every: int = 750
+    eval_every: int = 800
     eval_prompts: int = 24
     eval_steps: int = EVAL_STEPS
     eval_cfg: float = EVAL_CFG
@@ -605,10 +605,13 @@ def train_dit(
     log: Logger,
     on_eval: Callable[[int, dict], None] | None = None,
     init: bool = True,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """T5 + STDiT3 with rectified flow; returns the EMA (text_encoder, transformer).
 
     ``init=False`` keeps the modules' current weights (continuing a previous run's DiT).
+    ``checkpoint_dir``: the EMA T5 and STDiT3 are saved (fp16) there at every evaluation, in
+    ``step<N>/``, so a run stopped early still leaves its latest evaluated weights.
     """
     preset = models.preset
     torch.manual_seed(cfg.seed + 13)
@@ -661,6 +664,13 @@ def train_dit(
                     direction_acc=s["direction_acc"],
                     text_sensitivity=sens,
                 )
+                if checkpoint_dir is not None:
+                    ck = checkpoint_dir / f"step{step + 1}"
+                    for name, module in (("text_encoder", ema_t5.module), ("transformer", ema_dit.module)):
+                        save_fp16(module, ck / name, name)
+                    (ck / "eval.json").write_text(
+                        json.dumps({k: s[k] for k in ("colour_acc", "direction_acc", "both_acc")} | {"step": step + 1})
+                    )
                 if on_eval is not None:
                     on_eval(step + 1, s)
                 dit.train()
@@ -803,7 +813,9 @@ def run(
         text_encoder=sum(p.numel() for p in text_encoder.parameters()),
     )
     t = time.time()
-    ema_t5, ema_dit = train_dit(models, z_mean, z_std, batch.ids, batch.mask, cfg, log, init=dit_from is None)
+    ema_t5, ema_dit = train_dit(
+        models, z_mean, z_std, batch.ids, batch.mask, cfg, log, init=dit_from is None, checkpoint_dir=out / "checkpoints"
+    )
     log.stage("dit", seconds=round(time.time() - t, 1))
 
     t = time.time()

@@ -92,6 +92,58 @@ def sample_strip(videos: np.ndarray, prompts: list[str], path: Path, frames=(0, 
     plt.close(fig)
 
 
+def ship(run_dir: str | Path, checkpoint: str | None = None, dest: Path = SHIPPED_DIR) -> dict:
+    """Copy a recipe output (optionally one of its ``checkpoints/stepN``) into the package.
+
+    The files are measured again where they land (adherence on the 24 evaluation prompts) and
+    that measurement, with the run's settings and log, is written to ``training.json``; the
+    copy is staged next to ``dest`` and renamed into place.
+    """
+    import shutil
+
+    run_dir = Path(run_dir)
+    dit_dir = run_dir / "checkpoints" / checkpoint if checkpoint else run_dir
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, src in (("transformer", dit_dir), ("text_encoder", dit_dir), ("vae", run_dir)):
+        (staging / name).mkdir()
+        shutil.copy2(src / name / "model.safetensors", staging / name / "model.safetensors")
+    shutil.copy2(run_dir / "tokenizer.json", staging / "tokenizer.json")
+    models = load_shipped(staging)
+    score, _ = adherence(models)
+    log = json.loads((run_dir / "training_log.json").read_text())
+    record = json.loads((run_dir / "training.json").read_text()) if (run_dir / "training.json").is_file() else {}
+    evals = [e for e in log["events"] if e["stage"] == "eval"]
+    record |= {
+        "recipe": "python -m sorakit.train --out DIR --seed SEED (see docs/training.md for this run's flags)",
+        "config": log.get("config"),
+        "stages": log.get("stages"),
+        "shipped_from": {"run": run_dir.name, "checkpoint": checkpoint},
+        "dit_steps_done": int(checkpoint.removeprefix("step")) if checkpoint else log["stages"]["dit"]["steps_done"],
+        "evals": evals,
+        "loss": [(e["step"], round(e["loss"], 4)) for e in log["events"] if e["stage"] == "dit"],
+        "file_bytes": {n: (staging / n / "model.safetensors").stat().st_size for n in ("transformer", "vae", "text_encoder")},
+        "adherence": {
+            "prompts": score["n"],
+            "steps": EVAL_STEPS,
+            "cfg_scale": EVAL_CFG,
+            "seed": EVAL_SEED,
+            "colour_acc": score["colour_acc"],
+            "direction_acc": score["direction_acc"],
+            "both_acc": score["both_acc"],
+        },
+    }
+    (staging / "training.json").write_text(json.dumps(record, indent=1))
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    staging.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     from sorakit.train.recipe import text_sensitivity, velocity_cosines
 
@@ -100,7 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--img", default=None, help="write velocity_cosine.png and shapes_samples.png here")
     ap.add_argument("--json", default=None, help="write the figures as JSON here")
     ap.add_argument("--diagnostics", action="store_true", help="also sample with Open-Sora's 512^2 transform base")
+    ap.add_argument("--ship", default=None, metavar="RUN_DIR", help="first copy this recipe output into the package")
+    ap.add_argument("--checkpoint", default=None, help="with --ship: ship RUN_DIR/checkpoints/CHECKPOINT's T5 + DiT")
     args = ap.parse_args(argv)
+    if args.ship:
+        rec = ship(args.ship, args.checkpoint)
+        print(f"shipped {args.ship} ({args.checkpoint or 'final'}) to {SHIPPED_DIR}: {rec['adherence']}")
     torch.set_num_threads(2)
     models = load_shipped(args.model)
     score, videos = adherence(models)
