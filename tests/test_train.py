@@ -198,3 +198,20 @@ def test_recipe_continues_a_previous_dit(tmp_path):
     assert changed and len(changed) < len(ta)  # trained on: some weights moved, the zero-init ones were not reset
     # a fresh run would re-initialise: the final layer starts at zero there, here it carries on
     assert tb["final_layer.linear.weight"].abs().max() > 0
+
+
+def test_latent_object_mask_follows_the_object():
+    from sorakit.train.recipe import latent_object_mask
+
+    videos, _, attrs = make_dataset(8, seed=3)
+    mask = latent_object_mask(videos, (5, 8, 8))
+    assert mask.shape == (8, 1, 5, 8, 8) and set(np.unique(mask)) <= {0.0, 1.0}
+    assert 0.02 < mask.mean() < 0.4  # a small object, not the frame
+    step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+    ys, xs = np.mgrid[:8, :8]
+    for m, a in zip(mask[:, 0], attrs):
+        cx = [(f * xs).sum() / f.sum() for f in m]
+        cy = [(f * ys).sum() / f.sum() for f in m]
+        dx, dy = cx[-1] - cx[0], cy[-1] - cy[0]
+        sx, sy = step[a["direction"]]
+        assert (dx * sx + dy * sy) > 2, (a, dx, dy)  # the marked cells travel the way the object does

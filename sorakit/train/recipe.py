@@ -84,6 +84,7 @@ class RecipeConfig:
     dit_lr: float = 8e-4
     dit_warmup: int = 200
     dit_decay_from: float = 0.6  # cosine decay to 10 % over the last 40 % of the steps
+    latent_object_weight: float = 8.0  # extra DiT loss weight on latent cells the object passes through
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     grad_clip: float = 1.0
@@ -520,6 +521,26 @@ def sample_t(n: int, preset: ModelPreset, latent_shape: tuple[int, int, int], ge
     return t
 
 
+def latent_object_mask(videos: np.ndarray, latent_shape: tuple[int, int, int], batch: int = 256) -> np.ndarray:
+    """Where the object is, on the latent grid: [N, 1, T, h, w] float32 in {0, 1}.
+
+    A pixel is the object's if it differs from its frame's median colour; a latent cell is
+    marked if any of its pixels is, in any frame of its group (frame 0 alone, then groups of
+    ``F // (T - 1)`` frames, the causal VAE's temporal layout).
+    """
+    N, F_, H, W, _ = videos.shape
+    T, h, w = latent_shape
+    group = max((F_ - 1) // max(T - 1, 1), 1)
+    out = np.zeros((N, 1, T, h, w), np.float32)
+    for i in range(0, N, batch):
+        v = videos[i : i + batch].astype(np.int16)
+        bg = np.median(v.reshape(len(v), F_, -1, 3), axis=2)[:, :, None, None, :]
+        obj = (np.abs(v - bg).max(axis=-1) > 25).reshape(len(v), F_, h, H // h, w, W // w).any(axis=(3, 5))
+        lat = [obj[:, :1].any(axis=1)] + [obj[:, 1 + k * group : 1 + (k + 1) * group].any(axis=1) for k in range(T - 1)]
+        out[i : i + batch, 0] = np.stack(lat, axis=1)
+    return out
+
+
 def rflow_loss(
     transformer: nn.Module, text_encoder: nn.Module, batch: dict, preset: ModelPreset, dropout: float
 ) -> torch.Tensor:
@@ -544,7 +565,10 @@ def rflow_loss(
         torch.tensor([float(H)]),
         torch.tensor([float(W)]),
     )
-    return F.mse_loss(out[:, : x0.shape[1]], x0 - eps)
+    err = (out[:, : x0.shape[1]] - (x0 - eps)).pow(2)
+    if "weight" in batch:  # the object is a few latent cells: weight them up so its placement counts
+        return (err * batch["weight"]).mean() / batch["weight"].mean()
+    return err.mean()
 
 
 def evaluate(models: TorchModels, cfg: RecipeConfig) -> dict:
@@ -606,6 +630,7 @@ def train_dit(
     on_eval: Callable[[int, dict], None] | None = None,
     init: bool = True,
     checkpoint_dir: Path | None = None,
+    object_mask: np.ndarray | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """T5 + STDiT3 with rectified flow; returns the EMA (text_encoder, transformer).
 
@@ -633,6 +658,8 @@ def train_dit(
             idx = shapes_data.direction_balanced_indices(rng, N, cfg.dit_batch)
             z = torch.from_numpy(z_mean[idx]) + torch.from_numpy(z_std[idx]) * torch.randn(z_mean[idx].shape)
             batch = {"z": z, "ids": torch.from_numpy(ids[idx]), "mask": torch.from_numpy(mask[idx])}
+            if object_mask is not None and cfg.latent_object_weight > 0:
+                batch["weight"] = 1.0 + cfg.latent_object_weight * torch.from_numpy(object_mask[idx])
             loss = rflow_loss(dit, t5, batch, preset, cfg.caption_dropout)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -792,6 +819,7 @@ def run(
         None, :, None, None, None
     ]
     z_std = z_std / np.array(scale, np.float32)[None, :, None, None, None]
+    obj_mask = latent_object_mask(videos, tuple(z_mean.shape[2:]))
     del videos, s_mean, s_std
     rt = vae_roundtrip_check(vae, cfg, num=min(24, max(cfg.eval_prompts, 4)))
     log.stage(
@@ -814,7 +842,8 @@ def run(
     )
     t = time.time()
     ema_t5, ema_dit = train_dit(
-        models, z_mean, z_std, batch.ids, batch.mask, cfg, log, init=dit_from is None, checkpoint_dir=out / "checkpoints"
+        models, z_mean, z_std, batch.ids, batch.mask, cfg, log, init=dit_from is None, checkpoint_dir=out / "checkpoints",
+        object_mask=obj_mask,
     )
     log.stage("dit", seconds=round(time.time() - t, 1))
 
