@@ -39,19 +39,25 @@ def _torch_block(manifest, entry):
     return build_piece(spec, WeightSource("transformer", PRESET, None, manifest.export["seed"]), "random")
 
 
-@pytest.mark.parametrize("which", ["odd", "even"])
-@pytest.mark.parametrize("positions", ["midpoint", "compressed"])
-def test_tdtm_matches_torch_reference(tiny_bundle, tiny_transformer_even, tmp_path, which, positions):
+@pytest.mark.parametrize(
+    "which,positions,scope",
+    [("odd", "midpoint", "attention"), ("even", "midpoint", "attention"), ("odd", "compressed", "attention"),
+     ("even", "compressed", "attention"), ("odd", "midpoint", "block"), ("even", "midpoint", "block")],
+)
+def test_tdtm_matches_torch_reference(tiny_bundle, tiny_transformer_even, tmp_path, which, positions, scope):
     src = tiny_bundle[0] if which == "odd" else tiny_transformer_even
     out = tmp_path / "b"
-    optimize_bundle(src, out, "tdtm", settings={"tdtm": {"positions": positions}}, gates={"tdtm": None})
+    optimize_bundle(src, out, "tdtm", settings={"tdtm": {"positions": positions, "scope": scope}},
+                    gates={"tdtm": None})
     m = Bundle.open(out).manifest
     for entry in m.components["transformer"].by_role("block"):
         var = entry.variants["tdtm"]
         T = entry.inputs[0].shape[1]
         assert T == (5 if which == "odd" else 10)
         assert var.info["frames"] == T and var.info["merged_frames"] == T // 2 + T % 2
-        assert var.info["flops_saved"] > 0 and var.flops < entry.flops
+        assert var.info["flops_saved"] > 0 and var.flops < entry.flops and var.info["scope"] == scope
+        # the MLPs hold most of a block's work: merging them too saves far more
+        assert var.info["flops_saved"] / entry.flops > (0.3 if scope == "block" else 0.05)
         g = torch.Generator().manual_seed(3)
         args = [torch.randn(*entry.inputs[0].shape, generator=g), torch.randn(*entry.inputs[1].shape, generator=g),
                 torch.zeros(*entry.inputs[2].shape), torch.randn(*entry.inputs[3].shape, generator=g)]
@@ -60,10 +66,14 @@ def test_tdtm_matches_torch_reference(tiny_bundle, tiny_transformer_even, tmp_pa
         got = _run_graph(out / var.file, feeds)
         module = _torch_block(m, entry)
         with torch.no_grad():
-            want = block_group_forward(module, *args, mode=positions).numpy()
+            want = block_group_forward(module, *args, mode=positions, scope=scope).numpy()
+            other = block_group_forward(
+                module, *args, mode=positions, scope="attention" if scope == "block" else "block"
+            ).numpy()
             plain = module(*args).numpy()
         assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
         assert np.abs(got - plain).max() > 1e-2  # TDTM really changes the computation
+        assert np.abs(got - other).max() > 1e-3  # and the scope matters
 
 
 def test_reference_code_odd_t_fault_is_fixed():
@@ -187,6 +197,8 @@ def test_refusals(tiny_bundle, optimized_tiny, tmp_path):
     epilogue = onnx.load(str(tiny_bundle[0] / "transformer" / "epilogue.onnx"), load_external_data=False)
     with pytest.raises(SorakitError, match="not a transformer block graph"):
         tdtm_mod.inject(epilogue)
+    with pytest.raises(SorakitError, match="unknown TDTM scope"):
+        tdtm_mod.inject(epilogue, scope="everything")
 
 
 def test_pin_makes_a_dynamic_bundle_static(tmp_path):

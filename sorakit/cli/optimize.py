@@ -20,6 +20,8 @@ def optimize(
     resolution: Annotated[str | None, typer.Option(help="pin: HEIGHTxWIDTH")] = None,
     frames: Annotated[int | None, typer.Option(help="pin: frame count")] = None,
     tdtm_positions: Annotated[str, typer.Option(help="tdtm: RoPE positions of merged frames, midpoint or compressed")] = "midpoint",
+    tdtm_scope: Annotated[str, typer.Option(help="tdtm: merge around the attentions only (attention, the paper) "
+                                                 "or around the MLPs too (block, faster)")] = "attention",
     gate: Annotated[list[str] | None, typer.Option(help="Quality gate override, NAME=MIN_SSIM (e.g. int8=0.9)")] = None,
     gate_steps: Annotated[int | None, typer.Option(help="Denoising steps of the gate's videos (default: the bundle's)")] = None,
     force: Annotated[bool, typer.Option(help="Apply a lossy pass even when it fails its quality gate")] = False,
@@ -46,7 +48,7 @@ def optimize(
             gates[key.strip()] = float(val)
         except ValueError:
             raise SorakitError(f"--gate expects NAME=MIN_SSIM, got {g!r}") from None
-    settings = {"tdtm": {"positions": tdtm_positions}}
+    settings = {"tdtm": {"positions": tdtm_positions, "scope": tdtm_scope}}
     if resolution or frames:
         settings["pin"] = {"resolution": parse_resolution(resolution) if resolution else None, "frames": frames}
     with progress_bar() as bar:

@@ -338,7 +338,10 @@ class STDiT3Block(nn.Module):
         h_m = modulate(h, shift_mlp, scale_mlp)
         if x_mask is not None:
             h_m = frame_select(x_mask, h_m, modulate(h, zero[3], zero[4]))
-        m = self.mlp(h_m)
+        if tdtm is not None and getattr(tdtm, "mlp", False):  # TDTM scope "block"
+            m = tdtm.unmerge(self.mlp(tdtm.merge(h_m)))
+        else:
+            m = self.mlp(h_m)
         m_s = gate_mlp * m
         if x_mask is not None:
             m_s = frame_select(x_mask, m_s, zero[5] * m)

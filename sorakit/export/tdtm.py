@@ -19,6 +19,7 @@ from sorakit.graph_passes.tdtm import merged_positions
 @dataclass(frozen=True)
 class TokenMerge:
     mode: str = "midpoint"
+    scope: str = "attention"  # "block": the MLPs run on merged frames too
 
     @staticmethod
     def merge(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +48,10 @@ class BoundMerge:
     tm: TokenMerge
     T: int
 
+    @property
+    def mlp(self) -> bool:
+        return self.tm.scope == "block"
+
     def merge(self, x):
         return self.tm.merge(x)
 
@@ -57,10 +62,10 @@ class BoundMerge:
         return self.tm.positions(T)
 
 
-def block_group_forward(group, x, y, y_bias, t_mlp, mode: str = "midpoint"):
+def block_group_forward(group, x, y, y_bias, t_mlp, mode: str = "midpoint", scope: str = "attention"):
     """Run an exported BlockGroup module the TDTM way (the reference for its TDTM variant)."""
     T = x.shape[1]
-    bound = TokenMerge(mode).bind(T)
+    bound = TokenMerge(mode, scope).bind(T)
     rope = group.rope.tables(T, bound.positions(T)) if len(group.temporal_blocks) else None
     for kind, i in group.order:
         if kind == "spatial":
@@ -70,7 +75,7 @@ def block_group_forward(group, x, y, y_bias, t_mlp, mode: str = "midpoint"):
     return x
 
 
-def stdit_forward(model: STDiT3, *args, mode: str = "midpoint", **kwargs):
+def stdit_forward(model: STDiT3, *args, mode: str = "midpoint", scope: str = "attention", **kwargs):
     """The full STDiT3 with TDTM in every block."""
     T = -(-args[0].shape[2] // model.config.patch_size[0])
-    return model(*args, tdtm=TokenMerge(mode).bind(T), **kwargs)
+    return model(*args, tdtm=TokenMerge(mode, scope).bind(T), **kwargs)

@@ -59,10 +59,12 @@ class TDTMPass(GraphPass):
     lossy = True
     requires_static = True
 
-    def __init__(self, positions: str = "midpoint", **kw: Any):
+    def __init__(self, positions: str = "midpoint", scope: str = "attention", **kw: Any):
         if positions not in tdtm_mod.POSITIONS:
             raise SorakitError(f"unknown TDTM positions {positions!r}; one of {tdtm_mod.POSITIONS}")
-        super().__init__(positions=positions, **kw)
+        if scope not in tdtm_mod.SCOPES:
+            raise SorakitError(f"unknown TDTM scope {scope!r}; one of {tdtm_mod.SCOPES}")
+        super().__init__(positions=positions, scope=scope, **kw)
 
     def check(self, manifest: Manifest) -> None:
         _refuse_twice(manifest, self.name)
@@ -80,7 +82,7 @@ class TDTMPass(GraphPass):
         if not tdtm_mod.boundaries(model):
             raise SorakitError(f"graph {entry.name} is not a transformer block with TDTM boundaries; pass 'tdtm' "
                                "applies only to blocks exported by sorakit")
-        result = tdtm_mod.inject(model, self._settings["positions"])
+        result = tdtm_mod.inject(model, self._settings["positions"], self._settings["scope"])
         rel = new_name(entry.file, "tdtm")
         ws.save(result.model, rel)  # initializers keep pointing at the plain graph's data file
         flops_before, flops_after = count_flops(model), count_flops(result.model)
@@ -89,7 +91,8 @@ class TDTMPass(GraphPass):
             inputs=[copy.deepcopy(t) for t in entry.inputs], outputs=[copy.deepcopy(t) for t in entry.outputs],
             modules=list(entry.modules), params=entry.params, flops=flops_after,
             info={"frames": result.frames, "merged_frames": result.merged_frames,
-                  "positions": self._settings["positions"], "flops_saved": flops_before - flops_after},
+                  "positions": self._settings["positions"], "scope": self._settings["scope"],
+                  "flops_saved": flops_before - flops_after},
         )
         entry.variants["tdtm"] = variant
         saved = 100.0 * (flops_before - flops_after) / max(flops_before, 1)

@@ -39,13 +39,18 @@ from sorakit.graph_passes.onnx_utils import (
 TDTM_IN, TDTM_OUT = ".tdtm_in", ".tdtm_out"
 ROPE_COS, ROPE_SIN = "rope_cos", "rope_sin"
 POSITIONS = ("midpoint", "compressed")
+SCOPES = ("attention", "block")
 
 
 # ---------------------------------------------------------------------------------------------
 # exporter side: name the boundaries
 # ---------------------------------------------------------------------------------------------
 def mark_boundaries(model: onnx.ModelProto) -> list[str]:
-    """Name the attention boundaries of a block graph; returns the attention modules found."""
+    """Name the attention (and MLP) boundaries of a block graph; returns the modules marked.
+
+    Every attention must be markable (TDTM needs them); an MLP that cannot be marked is left
+    unmarked, which only rules out ``scope="block"`` for that graph.
+    """
     g = model.graph
     nodes = list(g.node)
     users: dict[str, list[int]] = {}
@@ -71,6 +76,8 @@ def mark_boundaries(model: onnx.ModelProto) -> list[str]:
         ext_out = [o for o in produced if o in floats and (
             any(owner[c] != m for c in users.get(o, [])) or o in graph_outputs)]
         if len(ext_in) != 1 or len(ext_out) != 1:
+            if m.endswith(".mlp"):
+                continue
             raise SorakitError(f"cannot mark TDTM boundaries of {m}: inputs {ext_in}, outputs {ext_out}")
         rename_value(g, ext_in[0], m + TDTM_IN)
         rename_value(g, ext_out[0], m + TDTM_OUT)
@@ -109,10 +116,10 @@ def _float_values(model: onnx.ModelProto) -> set[str]:
 
 
 def _attention_module(path: str) -> str | None:
-    """'spatial_blocks.3.attn.qkv' -> 'spatial_blocks.3.attn' (also cross_attn), else None."""
+    """'spatial_blocks.3.attn.qkv' -> 'spatial_blocks.3.attn' (also cross_attn and mlp), else None."""
     parts = path.split(".")
     for i in range(len(parts) - 2):
-        if parts[i] in ("spatial_blocks", "temporal_blocks") and parts[i + 2] in ("attn", "cross_attn"):
+        if parts[i] in ("spatial_blocks", "temporal_blocks") and parts[i + 2] in ("attn", "cross_attn", "mlp"):
             return ".".join(parts[: i + 3])
     return None
 
@@ -200,11 +207,26 @@ class TDTMResult:
     modules: list[str]
 
 
-def inject(model: onnx.ModelProto, positions: str = "midpoint") -> TDTMResult:
-    """Return a copy of a marked block graph with merge/unmerge around every attention."""
-    mods = boundaries(model)
+def inject(model: onnx.ModelProto, positions: str = "midpoint", scope: str = "attention") -> TDTMResult:
+    """Return a copy of a marked block graph with merge/unmerge around every attention.
+
+    ``scope="attention"`` merges where the paper does (self- and cross-attention);
+    ``scope="block"`` also around each MLP, so nearly all of a merged step's work is halved.
+    """
+    if scope not in SCOPES:
+        raise SorakitError(f"unknown TDTM scope {scope!r}; one of {SCOPES}")
+    marked = boundaries(model)
+    mods = [m for m in marked if not m.endswith(".mlp")]
     if not mods:
         raise SorakitError("not a transformer block graph: it has no TDTM boundaries (attention inputs/outputs)")
+    if scope == "block":
+        mlps = [m for m in marked if m.endswith(".mlp")]
+        if len(mlps) != len({m.rsplit(".", 1)[0] for m in mods}):
+            raise SorakitError(
+                "TDTM scope 'block' needs the MLP boundaries, which this graph lacks (exported by an older "
+                "sorakit, or the MLP could not be marked); re-export the bundle or use scope 'attention'"
+            )
+        mods = sorted(mods + mlps)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -359,4 +381,4 @@ def saved_fraction(T: int) -> float:
     return (T // 2 + T % 2) / T if T else 1.0
 
 
-__all__ = ["mark_boundaries", "inject", "merged_positions", "boundaries", "POSITIONS", "saved_fraction"]
+__all__ = ["mark_boundaries", "inject", "merged_positions", "boundaries", "POSITIONS", "SCOPES", "saved_fraction"]
