@@ -155,11 +155,11 @@ def test_manifest_records_settings(tiny_bundle):
 
 
 def test_small_model_options_export_and_verify(tmp_path):
-    """The shapes model's extra embeddings (caption pooled into t, frame-index embedding) export
-    and verify like the rest, and they really change the transformer's output."""
+    """The shapes model's extra embeddings (caption pooled into t, frame-index embedding, the
+    caption-and-frame embedding) export and verify like the rest, and they change the output."""
     import dataclasses
 
-    stdit = dataclasses.replace(PRESET.stdit, caption_to_time=True, temporal_pos_embed=True)
+    stdit = dataclasses.replace(PRESET.stdit, caption_to_time=True, temporal_pos_embed=True, caption_frame_embed=True)
     preset = dataclasses.replace(PRESET, stdit=stdit)
     report = export_bundle(ExportSettings(preset, 64, 64, 17), tmp_path / "b")
     for r in report.pieces:
@@ -167,12 +167,13 @@ def test_small_model_options_export_and_verify(tmp_path):
     assert report.end_to_end["max_abs_err"] < 1e-3
     assert Bundle.open(tmp_path / "b").manifest.preset["stdit"]["temporal_pos_embed"] is True
 
-    with_pos = models.randomized("transformer", preset, seed=0)
-    without = models.build("transformer", dataclasses.replace(preset, stdit=dataclasses.replace(stdit, temporal_pos_embed=False)))
-    without.load_state_dict(with_pos.state_dict())
+    full = models.randomized("transformer", preset, seed=0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, stdit.in_channels, 5, 8, 8, generator=g)
     y = torch.randn(1, 1, stdit.model_max_length, stdit.caption_channels, generator=g)
     t = torch.tensor([500.0])
-    with torch.no_grad():
-        assert (with_pos(x, t, y) - without(x, t, y)).abs().max() > 1e-3
+    for flag in ("temporal_pos_embed", "caption_frame_embed"):
+        less = models.build("transformer", dataclasses.replace(preset, stdit=dataclasses.replace(stdit, **{flag: False})))
+        less.load_state_dict(full.state_dict(), strict=False)
+        with torch.no_grad():
+            assert (full(x, t, y) - less(x, t, y)).abs().max() > 1e-3, flag

@@ -81,6 +81,8 @@ class Prologue(nn.Module):
         self.y_embedder = ref.y_embedder
         if cfg.caption_to_time:
             self.y_to_t = ref.y_to_t
+        if cfg.caption_frame_embed:
+            self.y_to_frame = ref.y_to_frame
 
     def forward(self, x, timestep, y, y_mask, fps, height, width):
         p = self._prologue(x, timestep, y, y_mask, fps, height, width)
@@ -166,7 +168,8 @@ def transformer_plan(preset: ModelPreset, geo: dict, granularity: str = "pair") 
             outputs=[IOSpec("tokens", tok), IOSpec("y_proj", [B, L, C]), IOSpec("y_bias", [B, 1, 1, L]),
                      IOSpec("t", [B, C]), IOSpec("t_mlp", [B, 6 * C])],
             modules=["x_embedder", "t_embedder", "fps_embedder", "t_block", "y_embedder"]
-            + (["y_to_t"] if cfg.caption_to_time else []),
+            + (["y_to_t"] if cfg.caption_to_time else [])
+            + (["y_to_frame"] if cfg.caption_frame_embed else []),
             rel_file="transformer/prologue.onnx",
         )
     ]

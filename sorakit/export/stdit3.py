@@ -128,6 +128,21 @@ class Mlp(nn.Module):
 # ---------------------------------------------------------------------------------------
 # embedders
 # ---------------------------------------------------------------------------------------
+class CaptionFrameEmbedder(nn.Module):
+    """Small models only: MLP of (pooled caption, frame embedding) -> one vector per frame."""
+
+    def __init__(self, C: int):
+        super().__init__()
+        self.caption = nn.Linear(C, C)
+        self.frame = nn.Linear(C, C, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.out = nn.Linear(C, C)
+
+    def forward(self, pooled: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """pooled [B, C], frames [T, C] -> [B, T, C]."""
+        return self.out(self.act(self.caption(pooled)[:, None, :] + self.frame(frames)[None]))
+
+
 class PatchEmbed3D(nn.Module):
     """Conv3d with kernel = stride = patch, after zero-padding W, H, T up to multiples.
 
@@ -397,6 +412,8 @@ class STDiT3(nn.Module):
         )
         if config.caption_to_time:
             self.y_to_t = Mlp(C, C, C)
+        if config.caption_frame_embed:
+            self.y_to_frame = CaptionFrameEmbedder(C)
         self.rope = RotaryEmbedding(config.head_dim)
         self.spatial_blocks = nn.ModuleList(STDiT3Block(config, temporal=False) for _ in range(config.depth))
         self.temporal_blocks = nn.ModuleList(STDiT3Block(config, temporal=True) for _ in range(config.depth))
@@ -448,6 +465,9 @@ class STDiT3(nn.Module):
         tokens = self.x_embedder(x) + pos[:, None]  # [B, T, S, C]
         if self.config.temporal_pos_embed:
             tokens = tokens + frame_embedding(self.config.hidden_size, T).to(tokens.dtype)[None, :, None, :]
+        if self.config.caption_frame_embed:
+            frames = frame_embedding(self.config.hidden_size, T).to(tokens.dtype)
+            tokens = tokens + self.y_to_frame(masked_mean(y, mask), frames)[:, :, None, :]
         return PrologueOutput(tokens, y, y_bias, t, t_mlp, t0, t0_mlp)
 
     def epilogue(self, x, t, out_size, x_mask=None, t0=None) -> torch.Tensor:

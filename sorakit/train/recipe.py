@@ -492,6 +492,8 @@ def init_stdit_for_training(model: nn.Module, seed: int) -> None:
         nn.init.zeros_(block.mlp.fc2.weight)
     if hasattr(model, "y_to_t"):
         nn.init.zeros_(model.y_to_t.fc2.weight)
+    if hasattr(model, "y_to_frame"):
+        nn.init.zeros_(model.y_to_frame.out.weight)
     nn.init.zeros_(model.final_layer.linear.weight)
     nn.init.zeros_(model.final_layer.linear.bias)
 
