@@ -143,32 +143,54 @@ def test_shipped_weights_load_strictly(shipped):
     assert shipped.vae.scale.flatten().tolist() == pytest.approx(list(preset.vae.scale), abs=1e-6)
 
 
-def _shipped_meets_the_bar() -> bool:
+def _shipped_record() -> dict:
     import json
 
-    from sorakit.adherence import TARGET_COLOUR_ACC, TARGET_DIRECTION_ACC
     from sorakit.train.report import SHIPPED_DIR
 
     try:
-        a = json.loads((SHIPPED_DIR / "training.json").read_text())["adherence"]
-    except (OSError, KeyError, ValueError):
-        return False
-    return a["colour_acc"] >= TARGET_COLOUR_ACC and a["direction_acc"] >= TARGET_DIRECTION_ACC
+        return json.loads((SHIPPED_DIR / "training.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _shipped_meets_the_bar() -> bool:
+    from sorakit.adherence import TARGET_COLOUR_ACC, TARGET_DIRECTION_ACC
+
+    a = _shipped_record().get("adherence", {})
+    return a.get("colour_acc", 0) >= TARGET_COLOUR_ACC and a.get("direction_acc", 0) >= TARGET_DIRECTION_ACC
+
+
+@pytest.fixture(scope="module")
+def shipped_eval(shipped):
+    """The 24 evaluation prompts sampled from the shipped model (30 steps, CFG 7, seed 0), scored."""
+    from sorakit.adherence import EVAL_CFG, EVAL_SEED, EVAL_STEPS
+    from sorakit.export.reference import ReferencePipeline
+
+    prompts = list(EVAL_PROMPTS)
+    res = ReferencePipeline(shipped)(prompts, seed=EVAL_SEED, steps=EVAL_STEPS, cfg_scale=EVAL_CFG)
+    return score_set(res.video, prompts)
+
+
+def test_shipped_adherence_is_what_its_record_says(shipped_eval):
+    """The figures in training.json (and docs/training.md) are reproduced by sampling the files."""
+    a = _shipped_record()["adherence"]
+    assert (shipped_eval["colour_acc"], shipped_eval["direction_acc"]) == pytest.approx(
+        (a["colour_acc"], a["direction_acc"]), abs=1.5 / 24
+    ), shipped_eval["per_prompt"]
 
 
 @pytest.mark.xfail(
     not _shipped_meets_the_bar(),
-    reason="the shipped shapes model does not reach the adherence bar yet (its training.json says so; "
-    "see docs/training.md); this test turns strict again once a model that does is shipped",
+    reason="the shipped shapes model misses the direction bar (its training.json records the figures, "
+    "docs/training.md says why); this test turns strict once a model that meets it is shipped",
     strict=False,
 )
-def test_default_generation_follows_the_prompt(shipped):
-    from sorakit.export.reference import ReferencePipeline
+def test_default_generation_follows_the_prompt(shipped_eval):
+    from sorakit.adherence import TARGET_COLOUR_ACC, TARGET_DIRECTION_ACC
 
-    prompts = list(EVAL_PROMPTS[:4])  # red circle/square/triangle/diamond, one per direction
-    res = ReferencePipeline(shipped)(prompts, seed=0, steps=30, cfg_scale=7.0)
-    s = score_set(res.video, prompts)
-    assert s["colour_acc"] == 1.0 and s["direction_acc"] == 1.0, s["per_prompt"]
+    assert shipped_eval["colour_acc"] >= TARGET_COLOUR_ACC, shipped_eval["per_prompt"]
+    assert shipped_eval["direction_acc"] >= TARGET_DIRECTION_ACC, shipped_eval["per_prompt"]
 
 
 def test_prompt_outside_the_vocabulary_still_generates(shipped):

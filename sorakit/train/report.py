@@ -92,6 +92,56 @@ def sample_strip(videos: np.ndarray, prompts: list[str], path: Path, frames=(0, 
     plt.close(fig)
 
 
+@torch.no_grad()
+def direction_probe(models: TorchModels, seeds: int = 8, clips: int = 960) -> dict:
+    """Does the prompt's direction change what the model predicts at t = 1000?
+
+    At pure noise the model's x0 prediction (x_t + v) estimates E[x0 | prompt]. It is averaged
+    over ``seeds`` noises for "a red circle moving D on a black background" (D = left, right,
+    up, down) and compared with the mean latent of training clips with those attributes:
+    norms of the left-right and up-down differences (model vs data), the cosine of the model's
+    and the data's mean latent, and the T5 output's relative change per token position for a
+    direction swap and a colour swap.
+    """
+    from sorakit.train.data import make_dataset
+    from sorakit.train.recipe import to_unit
+
+    pipe, p = ReferencePipeline(models), models.preset
+    dirs = ("left", "right", "up", "down")
+    videos, _, attrs = make_dataset(clips, 0)
+    data = {}
+    for d in dirs:
+        idx = [i for i, a in enumerate(attrs) if a["direction"] == d and a["background"] == "black" and a["colour"] == "red"]
+        data[d] = models.vae.encode(to_unit(videos[idx]).movedim(1, 2), sample=False).mean(0)
+    y, mask = pipe.encode_prompts([f"a red circle moving {d} on a black background" for d in dirs])
+    shape = (1, p.stdit.in_channels, *p.latent_size(p.num_frames, *p.resolution))
+    H, W = p.resolution
+    model = dict.fromkeys(dirs, 0.0)
+    for seed in range(seeds):
+        eps = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        v = models.transformer(
+            eps.repeat(4, 1, 1, 1, 1), torch.full((4,), 1000.0), y, mask, None,
+            torch.tensor([float(p.sampler.fps)]), torch.tensor([float(H)]), torch.tensor([float(W)]),
+        )[:, : shape[1]]
+        for i, d in enumerate(dirs):
+            model[d] = model[d] + (eps[0] + v[i]) / seeds
+    out = {}
+    for a, b in (("left", "right"), ("up", "down")):
+        out[f"{a}-{b}"] = {"data_norm": round(float((data[a] - data[b]).norm()), 2),
+                           "model_norm": round(float((model[a] - model[b]).norm()), 2)}
+    cos = torch.nn.functional.cosine_similarity(model["right"].flatten(), data["right"].flatten(), dim=0)
+    out["mean_cosine_model_vs_data"] = round(float(cos), 3)
+    t5, _ = pipe.encode_prompts(["a red circle moving left", "a red circle moving right", "a blue circle moving left"])
+    t5 = t5[:, 0]
+
+    def per_token(i, j):
+        return [round(float((t5[i, k] - t5[j, k]).norm() / t5[i, k].norm()), 2) for k in range(6)]
+
+    out["t5_change_direction_swap"] = per_token(0, 1)
+    out["t5_change_colour_swap"] = per_token(0, 2)
+    return out
+
+
 def ship(run_dir: str | Path, checkpoint: str | None = None, dest: Path = SHIPPED_DIR) -> dict:
     """Copy a recipe output (optionally one of its ``checkpoints/stepN``) into the package.
 
@@ -181,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     print("text sensitivity (relative change of v between opposite directions) by t:", out["text_sensitivity"])
     if args.diagnostics:
+        out["direction_probe"] = direction_probe(models)
+        print("direction probe (model vs data at t = 1000):", out["direction_probe"])
         for base in (512 * 512, 256 * 256):
             s, _ = adherence(with_transform_base(models, base))
             out[f"transform_base_{int(base**0.5)}"] = {
