@@ -250,6 +250,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {img / 'velocity_cosine.png'} and {img / 'shapes_samples.png'}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
+    if args.ship:  # the shipped record carries the measurements too
+        path = SHIPPED_DIR / "training.json"
+        record = json.loads(path.read_text())
+        record["measured"] = {k: v for k, v in out.items() if k != "per_prompt"}
+        record["measured"]["per_prompt"] = [
+            {k: r[k] for k in ("prompt", "colour", "direction", "colour_ok", "direction_ok")} for r in score["per_prompt"]
+        ]
+        path.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
