@@ -162,7 +162,7 @@ def test_manifest_records_passes_and_input_untouched(tiny_bundle, optimized_tiny
     out, _ = optimized_tiny
     m = json.loads((out / "manifest.json").read_text())
     assert [p["name"] for p in m["passes"]] == ["tdtm", "prune", "int8"]
-    assert m["passes"][0]["settings"] == {"positions": "midpoint"}
+    assert m["passes"][0]["settings"] == {"positions": "midpoint", "scope": "attention"}
     assert m["passes"][2]["gate"]["metric"] == "ssim"
     after = {p.name: sha256_file(p) for p in src.rglob("*") if p.is_file()}
     assert before == after
