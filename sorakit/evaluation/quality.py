@@ -9,6 +9,7 @@ flicker score for every row; the cosine similarity of consecutive CFG velocities
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,9 @@ def run_eval(bundle: str | Path, settings: EvalSettings, work: Path | None = Non
     outputs = {"reference": ref}
     # Figure 5: cosine of consecutive CFG velocities per step, averaged over samples
     cos = np.array([[c for c in step] for rep in reports for step in rep.cosine], dtype=np.float64)
-    per_step = np.nanmean(cos.reshape(len(reports), settings.steps, -1), axis=(0, 2)) if cos.size else np.array([])
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # step 1 has no previous velocity: all NaN
+        per_step = np.nanmean(cos.reshape(len(reports), settings.steps, -1), axis=(0, 2)) if cos.size else np.array([])
 
     for spec in settings.lpl:
         say(f"LPL {spec}")
