@@ -200,26 +200,60 @@ def test_prompt_outside_the_vocabulary_still_generates(shipped):
     assert res.video.shape == (1, 17, 64, 64, 3) and np.isfinite(res.video_float).all()
 
 
-def test_recipe_continues_a_previous_dit(tmp_path):
-    """--vae-from/--dit-from: the VAE is reused as is and T5 + DiT training resumes from the saved weights."""
+def test_recipe_continues_a_previous_dit_and_ships_a_checkpoint(tmp_path):
+    """--vae-from/--dit-from: the VAE is reused as is and T5 + DiT training resumes from the
+    saved weights; a checkpoint of that run is then shipped with report.ship."""
     import dataclasses
+    import json
 
+    from sorakit.export.models import save_checkpoint
     from sorakit.train.recipe import load_trained, run, tiny_config, tiny_shapes_preset
+    from sorakit.train.report import ship
 
     preset = tiny_shapes_preset()
     run(tmp_path / "a", tiny_config(), preset, quiet=True)
     first = load_trained(tmp_path / "a", preset)
-    cfg = dataclasses.replace(tiny_config(), decoder_steps=0, dit_steps=1)
+    # move a's weights well away from the recipe's (seeded) initialisation, so that continuing
+    # from them and starting afresh cannot look alike
+    g = torch.Generator().manual_seed(5)
+    for name in ("transformer", "text_encoder"):
+        module = getattr(first, name)
+        with torch.no_grad():
+            for prm in module.parameters():
+                prm.add_(0.1 * torch.randn(prm.shape, generator=g).to(prm.dtype))
+        save_checkpoint(module.half(), tmp_path / "a" / name, name)
+    first = load_trained(tmp_path / "a", preset)
+    cfg = dataclasses.replace(tiny_config(), decoder_steps=0, dit_steps=1, dit_lr=1e-7)
     record = run(tmp_path / "b", cfg, preset, quiet=True, vae_from=tmp_path / "a", dit_from=tmp_path / "a")
     second = load_trained(tmp_path / "b", preset)
     assert record["reused"]["dit_from"] == str(tmp_path / "a")
     va, vb = first.vae.state_dict(), second.vae.state_dict()
     assert all(torch.equal(va[k], vb[k]) for k in va)  # the VAE is untouched with decoder_steps=0
-    ta, tb = first.transformer.state_dict(), second.transformer.state_dict()
-    changed = [k for k in ta if not torch.equal(ta[k], tb[k])]
-    assert changed and len(changed) < len(ta)  # trained on: some weights moved, the zero-init ones were not reset
-    # a fresh run would re-initialise: the final layer starts at zero there, here it carries on
-    assert tb["final_layer.linear.weight"].abs().max() > 0
+    # one step at a tiny learning rate from the loaded weights leaves them where they were; a
+    # re-initialised model (xavier, zeroed outputs) would be far from them
+    for name, (ta, tb) in {
+        "transformer": (first.transformer.state_dict(), second.transformer.state_dict()),
+        "text_encoder": (first.text_encoder.state_dict(), second.text_encoder.state_dict()),
+    }.items():
+        worst = max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
+        assert worst < 5e-3, name
+    assert first.transformer.state_dict()["final_layer.linear.weight"].abs().max() > 1e-3  # not vacuous
+
+    measured = {"per_prompt": [], "colour_acc": 0.5, "direction_acc": 0.25, "both_acc": 0.25}
+
+    def measure(d):  # what the report measures; here: the staged copy must load strictly
+        load_trained(d, preset)
+        return measured
+
+    dest = tmp_path / "shipped"
+    rec = ship(tmp_path / "b", measure, "step1", dest=dest)
+    ck = tmp_path / "b" / "checkpoints" / "step1"
+    for name, src in (("transformer", ck), ("text_encoder", ck), ("vae", tmp_path / "b")):
+        assert (dest / name / "model.safetensors").read_bytes() == (src / name / "model.safetensors").read_bytes()
+    on_disk = json.loads((dest / "training.json").read_text())
+    assert on_disk["shipped_from"] == {"run": "b", "checkpoint": "step1"} and on_disk["dit_steps_done"] == 1
+    assert on_disk["adherence"]["direction_acc"] == 0.25 and rec["measured"] == measured
+    assert not dest.with_name("shipped.partial").exists() and not dest.with_name("shipped.old").exists()
 
 
 def test_latent_object_mask_follows_the_object():

@@ -353,7 +353,7 @@ class STDiT3Block(nn.Module):
         h_m = modulate(h, shift_mlp, scale_mlp)
         if x_mask is not None:
             h_m = frame_select(x_mask, h_m, modulate(h, zero[3], zero[4]))
-        if tdtm is not None and getattr(tdtm, "mlp", False):  # TDTM scope "block"
+        if tdtm is not None and tdtm.mlp:  # TDTM scope "block"
             m = tdtm.unmerge(self.mlp(tdtm.merge(h_m)))
         else:
             m = self.mlp(h_m)
@@ -463,11 +463,12 @@ class STDiT3(nn.Module):
             t0_mlp = self.t_block(t0)
 
         tokens = self.x_embedder(x) + pos[:, None]  # [B, T, S, C]
-        if self.config.temporal_pos_embed:
-            tokens = tokens + frame_embedding(self.config.hidden_size, T).to(tokens.dtype)[None, :, None, :]
-        if self.config.caption_frame_embed:
-            frames = frame_embedding(self.config.hidden_size, T).to(tokens.dtype)
-            tokens = tokens + self.y_to_frame(masked_mean(y, mask), frames)[:, :, None, :]
+        if self.config.temporal_pos_embed or self.config.caption_frame_embed:
+            frames = frame_embedding(self.config.hidden_size, T).to(tokens.dtype)  # [T, C]
+            if self.config.temporal_pos_embed:
+                tokens = tokens + frames[None, :, None, :]
+            if self.config.caption_frame_embed:
+                tokens = tokens + self.y_to_frame(masked_mean(y, mask), frames)[:, :, None, :]
         return PrologueOutput(tokens, y, y_bias, t, t_mlp, t0, t0_mlp)
 
     def epilogue(self, x, t, out_size, x_mask=None, t0=None) -> torch.Tensor:

@@ -528,7 +528,7 @@ def latent_object_mask(videos: np.ndarray, latent_shape: tuple[int, int, int], b
 
     A pixel is the object's if it differs from its frame's median colour; a latent cell is
     marked if any of its pixels is, in any frame of its group (frame 0 alone, then groups of
-    ``F // (T - 1)`` frames, the causal VAE's temporal layout).
+    ``(F - 1) // (T - 1)`` frames, the causal VAE's temporal layout).
     """
     N, F_, H, W, _ = videos.shape
     T, h, w = latent_shape

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +143,15 @@ def direction_probe(models: TorchModels, seeds: int = 8, clips: int = 960) -> di
     return out
 
 
-def ship(run_dir: str | Path, checkpoint: str | None = None, dest: Path = SHIPPED_DIR) -> dict:
+def ship(
+    run_dir: str | Path, measure: Callable[[Path], dict], checkpoint: str | None = None, dest: Path = SHIPPED_DIR
+) -> dict:
     """Copy a recipe output (optionally one of its ``checkpoints/stepN``) into the package.
 
-    The files are measured again where they land (adherence on the 24 evaluation prompts) and
-    that measurement, with the run's settings and log, is written to ``training.json``; the
-    copy is staged next to ``dest`` and renamed into place.
+    ``training.json`` gets the run's settings, log and evaluations plus ``measured``, the
+    adherence and diagnostics of the copied files (``measure``: the shipped files -> dict; the
+    report's own measurement, so nothing is sampled twice). The copy is staged next to
+    ``dest`` and renamed into place only once complete.
     """
     import shutil
 
@@ -160,8 +164,7 @@ def ship(run_dir: str | Path, checkpoint: str | None = None, dest: Path = SHIPPE
         (staging / name).mkdir()
         shutil.copy2(src / name / "model.safetensors", staging / name / "model.safetensors")
     shutil.copy2(run_dir / "tokenizer.json", staging / "tokenizer.json")
-    models = load_shipped(staging)
-    score, _ = adherence(models)
+    measured = measure(staging)
     log = json.loads((run_dir / "training_log.json").read_text())
     record = json.loads((run_dir / "training.json").read_text()) if (run_dir / "training.json").is_file() else {}
     evals = [e for e in log["events"] if e["stage"] == "eval"]
@@ -175,14 +178,13 @@ def ship(run_dir: str | Path, checkpoint: str | None = None, dest: Path = SHIPPE
         "loss": [(e["step"], round(e["loss"], 4)) for e in log["events"] if e["stage"] == "dit"],
         "file_bytes": {n: (staging / n / "model.safetensors").stat().st_size for n in ("transformer", "vae", "text_encoder")},
         "adherence": {
-            "prompts": score["n"],
+            "prompts": len(measured["per_prompt"]),
             "steps": EVAL_STEPS,
             "cfg_scale": EVAL_CFG,
             "seed": EVAL_SEED,
-            "colour_acc": score["colour_acc"],
-            "direction_acc": score["direction_acc"],
-            "both_acc": score["both_acc"],
+            **{k: measured[k] for k in ("colour_acc", "direction_acc", "both_acc")},
         },
+        "measured": measured,
     }
     (staging / "training.json").write_text(json.dumps(record, indent=1))
     old = dest.with_name(dest.name + ".old")
@@ -194,22 +196,11 @@ def ship(run_dir: str | Path, checkpoint: str | None = None, dest: Path = SHIPPE
     return record
 
 
-def main(argv: list[str] | None = None) -> None:
+def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False) -> dict:
+    """Adherence, velocity cosines, text sensitivity (and diagnostics, figures) of a model directory."""
     from sorakit.train.recipe import text_sensitivity, velocity_cosines
 
-    ap = argparse.ArgumentParser(prog="python -m sorakit.train.report", description=__doc__)
-    ap.add_argument("--model", default=str(SHIPPED_DIR))
-    ap.add_argument("--img", default=None, help="write velocity_cosine.png and shapes_samples.png here")
-    ap.add_argument("--json", default=None, help="write the figures as JSON here")
-    ap.add_argument("--diagnostics", action="store_true", help="also sample with Open-Sora's 512^2 transform base")
-    ap.add_argument("--ship", default=None, metavar="RUN_DIR", help="first copy this recipe output into the package")
-    ap.add_argument("--checkpoint", default=None, help="with --ship: ship RUN_DIR/checkpoints/CHECKPOINT's T5 + DiT")
-    args = ap.parse_args(argv)
-    if args.ship:
-        rec = ship(args.ship, args.checkpoint)
-        print(f"shipped {args.ship} ({args.checkpoint or 'final'}) to {SHIPPED_DIR}: {rec['adherence']}")
-    torch.set_num_threads(2)
-    models = load_shipped(args.model)
+    models = load_shipped(model_dir)
     score, videos = adherence(models)
     print(f"adherence on {score['n']} prompts (30 steps, CFG 7, seed 0):")
     print(f"  colour {score['colour_acc']:.1%}  direction {score['direction_acc']:.1%}  both {score['both_acc']:.1%}")
@@ -225,12 +216,14 @@ def main(argv: list[str] | None = None) -> None:
         "colour_acc": score["colour_acc"],
         "direction_acc": score["direction_acc"],
         "both_acc": score["both_acc"],
-        "per_prompt": score["per_prompt"],
+        "per_prompt": [
+            {k: r[k] for k in ("prompt", "colour", "direction", "colour_ok", "direction_ok")} for r in score["per_prompt"]
+        ],
         "velocity_cosine_mean": [round(float(c), 5) for c in mean],
         "text_sensitivity": text_sensitivity(models),
     }
     print("text sensitivity (relative change of v between opposite directions) by t:", out["text_sensitivity"])
-    if args.diagnostics:
+    if diagnostics:
         out["direction_probe"] = direction_probe(models)
         print("direction probe (model vs data at t = 1000):", out["direction_probe"])
         for base in (512 * 512, 256 * 256):
@@ -242,22 +235,36 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"sampling with transform base {int(base**0.5)}^2: colour {s['colour_acc']:.1%} direction {s['direction_acc']:.1%}"
             )
-    if args.img:
-        img = Path(args.img)
+    if img:
         plot_velocity_cosine(cos, img / "velocity_cosine.png", "shapes model, 30 steps, CFG 7: cos(v_i, v_i+1)")
         pick = [0, 1, 2, 3, 9, 14]
         sample_strip(videos[pick], [EVAL_PROMPTS[i] for i in pick], img / "shapes_samples.png")
         print(f"wrote {img / 'velocity_cosine.png'} and {img / 'shapes_samples.png'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m sorakit.train.report", description=__doc__)
+    ap.add_argument("--model", default=str(SHIPPED_DIR))
+    ap.add_argument("--img", default=None, help="write velocity_cosine.png and shapes_samples.png here")
+    ap.add_argument("--json", default=None, help="write the figures as JSON here")
+    ap.add_argument("--diagnostics", action="store_true", help="also sample with Open-Sora's 512^2 transform base")
+    ap.add_argument("--ship", default=None, metavar="RUN_DIR", help="copy this recipe output into the package, measured")
+    ap.add_argument("--checkpoint", default=None, help="with --ship: ship RUN_DIR/checkpoints/CHECKPOINT's T5 + DiT")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    img = Path(args.img) if args.img else None
+
+    def run(model_dir: Path) -> dict:
+        return measure(model_dir, img, args.diagnostics)
+
+    if args.ship:
+        out = ship(args.ship, run, args.checkpoint)["measured"]
+        print(f"shipped {args.ship} ({args.checkpoint or 'final'}) to {SHIPPED_DIR}")
+    else:
+        out = run(Path(args.model))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
-    if args.ship:  # the shipped record carries the measurements too
-        path = SHIPPED_DIR / "training.json"
-        record = json.loads(path.read_text())
-        record["measured"] = {k: v for k, v in out.items() if k != "per_prompt"}
-        record["measured"]["per_prompt"] = [
-            {k: r[k] for k in ("prompt", "colour", "direction", "colour_ok", "direction_ok")} for r in score["per_prompt"]
-        ]
-        path.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
