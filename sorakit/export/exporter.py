@@ -11,7 +11,6 @@ finished graphs are recorded there, so an interrupted export resumes.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import io
 import json
@@ -35,6 +34,7 @@ from sorakit.export.checkpoint import load_module
 from sorakit.export.init import constructor_values, random_state_dict
 from sorakit.export.pieces import PieceSpec, text_encoder_plan, transformer_plan, vae_plan
 from sorakit.presets import ModelPreset, check_geometry, decode_chunks
+from sorakit.runtime.memory import release_memory
 from sorakit.runtime.sampler import initial_noise
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,10 @@ def export_graph(module, spec: PieceSpec, args: tuple, path: Path, opset: int, e
             torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes or None,
                               do_constant_folding=True)
-            model = onnx.load_from_string(buf.getvalue())
+            model = onnx.load_from_string(buf.getbuffer())
+            buf.close()  # the serialized copy of the weights goes before the save below makes another
+            del buf
+            release_memory(collect=False)
     if spec.role == "block" and not dynamic_axes:
         from sorakit.graph_passes.tdtm import mark_boundaries
 
@@ -244,10 +247,18 @@ def save_with_external_data(model, path: Path) -> None:
 
 
 def ort_session(path: Path, threads: int = 0):
+    """A CPU session for verification: run a few times, so lean (no weight prepacking, no arena).
+
+    Prepacking would keep a second, repacked copy of every MatMul weight for the session's
+    short life, and the arena would hold its peak after the run; both count towards the
+    export's peak RSS for no gain here.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = False
+    so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         so.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -433,11 +444,16 @@ def _export_component(comp, settings, geo, source, staging, report, files, progr
             result.skipped = True
         else:
             export_graph(module, spec, args, path, settings.opset, settings.exporter)
+            release_memory(collect=True)
         with torch.no_grad():
             outs = module(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
         entry = _graph_entry(spec, path, staging, module)
         result.entry = entry
+        # the block's torch weights are not needed any more: free them before ONNX Runtime loads
+        # its own copy, so a block is in memory once at a time (streaming export's peak RSS)
+        del module
+        release_memory(collect=True)
         if settings.verify:
             sess = ort_session(path)
             feeds = {i.name: to_numpy(a) for i, a in zip(spec.inputs, args)}
@@ -466,8 +482,8 @@ def _export_component(comp, settings, geo, source, staging, report, files, progr
         report.pieces.append(result)
         if progress:
             progress(comp, idx + 1, len(plan), result)
-        del module, outs
-        gc.collect()
+        del outs
+        release_memory(collect=True)
         if fail_after == spec.name:
             raise SorakitError(f"simulated failure after {spec.name}")
     last = plan[-1].outputs[0]

@@ -42,10 +42,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sorakit.adherence import EVAL_CFG, EVAL_PROMPTS, EVAL_SEED, EVAL_STEPS, score_set
+from sorakit.adherence import (
+    BACKGROUNDS,
+    COLOURS,
+    DIRECTIONS,
+    EVAL_CFG,
+    EVAL_PROMPTS,
+    EVAL_SEED,
+    EVAL_STEPS,
+    SHAPES,
+    parse_prompt,
+    score_set,
+)
 from sorakit.export.models import TorchModels, build, load, save_checkpoint
 from sorakit.export.reference import ReferencePipeline
 from sorakit.export.sampler import timestep_transform
+from sorakit.export.stdit3 import masked_mean
 from sorakit.presets import ModelPreset, SpatialVAEConfig, STDiT3Config, T5Config, TemporalVAEConfig, VAEConfig
 from sorakit.presets import shapes_preset as default_shapes_preset
 from sorakit.tokenizer import PromptTokenizer
@@ -78,6 +90,11 @@ class RecipeConfig:
     decoder_lr: float = 3e-4
     decoder_object_weight: float = 20.0
     decoder_latent_noise: float = 0.05  # robustness to imperfect DiT latents
+    # text encoder pre-training (attributes of the caption predicted from every token), then frozen
+    text_steps: int = 600
+    text_batch: int = 64
+    text_lr: float = 2e-3
+    freeze_text: bool = True  # keep the pre-trained T5 fixed while the DiT trains (Open-Sora's T5 is frozen too)
     # DiT + T5
     dit_steps: int = 3200
     dit_batch: int = 24
@@ -110,6 +127,8 @@ def tiny_config() -> RecipeConfig:
         temporal_pixel_frames=1,
         dit_steps=3,
         dit_batch=4,
+        text_steps=3,
+        text_batch=4,
         decoder_steps=2,
         decoder_clips=8,
         decoder_batch=2,
@@ -464,6 +483,102 @@ def finetune_decoder_dir(out: str | Path, cfg: RecipeConfig | None = None, prese
 
 
 # ---------------------------------------------------------------------------------------
+# text encoder pre-training
+# ---------------------------------------------------------------------------------------
+CAPTION_ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("colour", tuple(COLOURS)),
+    ("shape", SHAPES),
+    ("direction", tuple(DIRECTIONS)),
+    ("background", tuple(BACKGROUNDS)),
+)
+
+
+def caption_labels(captions: list[str]) -> np.ndarray:
+    """What each caption says, [N, 4] int64: colour, shape, direction, background.
+
+    Read from the text (``sorakit.adherence.parse_prompt``), not from the clip: an attribute
+    the caption does not name gets the extra class ``len(values)`` ("not said").
+    """
+    out = np.empty((len(captions), len(CAPTION_ATTRIBUTES)), np.int64)
+    for i, caption in enumerate(captions):
+        intent = parse_prompt(caption)
+        for j, (name, values) in enumerate(CAPTION_ATTRIBUTES):
+            v = getattr(intent, name)
+            out[i, j] = values.index(v) if v in values else len(values)
+    return out
+
+
+def pretrain_text_encoder(
+    t5: nn.Module, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray, cfg: RecipeConfig, log: Logger
+) -> dict:
+    """Teach the T5 to put every attribute of the caption into every token's output.
+
+    Linear heads read colour, shape, direction and background from each valid token's output
+    (cross-entropy, all four weighted alike). Trained jointly with the DiT from scratch, the T5
+    had spread colour over every token but kept the direction word's meaning on its own token,
+    a small share of what cross-attention and the pooled caption see; this stage makes the
+    direction as loud in the text features as the colour before the DiT starts. Returns the
+    held-out accuracy of each attribute read from the pooled (masked-mean) output by the heads.
+    """
+    torch.manual_seed(cfg.seed + 11)
+    rng = np.random.default_rng([cfg.seed, 11])
+    d = t5.shared.weight.shape[1]
+    sizes = [len(values) + 1 for _, values in CAPTION_ATTRIBUTES]
+    heads = nn.Linear(d, sum(sizes))
+    t5.train()
+    params = list(t5.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.text_lr, weight_decay=0.0)
+    n = len(ids)
+    held = max(1, n // 10)
+    train_idx = np.arange(held, n)
+    ids_t, mask_t, lab_t = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
+
+    def logits(idx) -> tuple[torch.Tensor, torch.Tensor]:
+        h = t5(input_ids=ids_t[idx], attention_mask=mask_t[idx]).last_hidden_state  # [B, L, d]
+        return heads(h), mask_t[idx].bool()
+
+    prog, task = log.progress(cfg.text_steps, "text")
+    with prog:
+        for step in range(cfg.text_steps):
+            set_lr(opt, lr_at(step, cfg.text_steps, cfg.text_lr, max(cfg.text_steps // 10, 1), 0.5))
+            idx = rng.choice(train_idx, size=min(cfg.text_batch, len(train_idx)), replace=False)
+            out, valid = logits(idx)
+            loss = torch.zeros(())
+            for j, part in enumerate(out.split(sizes, dim=-1)):
+                target = lab_t[idx, j][:, None].expand(-1, part.shape[1])
+                loss = loss + F.cross_entropy(part[valid], target[valid])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            prog.update(task, advance=1, info=f"loss {loss.item():.4f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.text_steps:
+                log.event("text", step=step + 1, loss=loss.item())
+    t5.eval()
+    with torch.no_grad():
+        idx = np.arange(held)
+        h = t5(input_ids=ids_t[idx], attention_mask=mask_t[idx]).last_hidden_state
+        pooled = heads(masked_mean(h, mask_t[idx]))
+        acc = {
+            name: float((part.argmax(-1) == lab_t[idx, j]).float().mean())
+            for j, ((name, _), part) in enumerate(zip(CAPTION_ATTRIBUTES, pooled.split(sizes, dim=-1)))
+        }
+    log.info(f"text encoder pre-trained: held-out accuracy from the pooled output {acc}")
+    return {"heldout_pooled_accuracy": acc, "final_loss": loss.item()}
+
+
+@torch.no_grad()
+def encode_captions(t5: nn.Module, ids: np.ndarray, mask: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The frozen T5's outputs for every caption, [N, L, d] float32 (computed once)."""
+    t5.eval()
+    out = [
+        t5(input_ids=torch.from_numpy(ids[i : i + batch]), attention_mask=torch.from_numpy(mask[i : i + batch]))
+        .last_hidden_state.numpy()
+        for i in range(0, len(ids), batch)
+    ]
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------
 # DiT stage
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -549,7 +664,10 @@ def rflow_loss(
     """One rectified-flow loss: x_t = (1 - t) x0 + t eps, target v = x0 - eps."""
     x0 = batch["z"]
     B = x0.shape[0]
-    y = text_encoder(input_ids=batch["ids"], attention_mask=batch["mask"]).last_hidden_state[:, None]
+    if "y" in batch:  # a frozen text encoder's outputs, computed once for the whole data set
+        y = batch["y"][:, None]
+    else:
+        y = text_encoder(input_ids=batch["ids"], attention_mask=batch["mask"]).last_hidden_state[:, None]
     drop = torch.rand(B) < dropout
     y = transformer.y_embedder.drop(y, drop)
     t = sample_t(B, preset, tuple(x0.shape[2:]))
@@ -646,6 +764,10 @@ def train_dit(
     dit, t5 = models.transformer.train(), models.text_encoder.train()
     if init:
         init_stdit_for_training(dit, cfg.seed + 14)
+    y_all = None
+    if cfg.freeze_text:
+        t5.eval().requires_grad_(False)
+        y_all = encode_captions(t5, ids, mask)
     params = [p for p in list(dit.parameters()) + list(t5.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema_dit, ema_t5 = EMA(dit, cfg.ema_decay), EMA(t5, cfg.ema_decay)
@@ -660,6 +782,8 @@ def train_dit(
             idx = shapes_data.direction_balanced_indices(rng, N, cfg.dit_batch)
             z = torch.from_numpy(z_mean[idx]) + torch.from_numpy(z_std[idx]) * torch.randn(z_mean[idx].shape)
             batch = {"z": z, "ids": torch.from_numpy(ids[idx]), "mask": torch.from_numpy(mask[idx])}
+            if y_all is not None:
+                batch["y"] = torch.from_numpy(y_all[idx])
             if object_mask is not None and cfg.latent_object_weight > 0:
                 batch["weight"] = 1.0 + cfg.latent_object_weight * torch.from_numpy(object_mask[idx])
             loss = rflow_loss(dit, t5, batch, preset, cfg.caption_dropout)
@@ -668,7 +792,8 @@ def train_dit(
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             ema_dit.update(dit, step)
-            ema_t5.update(t5, step)
+            if not cfg.freeze_text:
+                ema_t5.update(t5, step)
             history.append(loss.item())
             prog.update(task, advance=1, info=f"loss {loss.item():.4f}")
             if (step + 1) % cfg.log_every == 0:
@@ -703,7 +828,8 @@ def train_dit(
                 if on_eval is not None:
                     on_eval(step + 1, s)
                 dit.train()
-                t5.train()
+                if not cfg.freeze_text:
+                    t5.train()
             if over:
                 log.info(f"stopping at step {step + 1}: the {cfg.minutes} min cap was reached")
                 break
@@ -834,8 +960,12 @@ def run(
         text_encoder = load("text_encoder", Path(dit_from) / "text_encoder", preset).float()
         transformer = load("transformer", Path(dit_from) / "transformer", preset).float()
     else:
-        text_encoder = build("text_encoder", preset)
+        text_encoder = build("text_encoder", preset).float()
         transformer = build("transformer", preset)
+        if cfg.text_steps > 0:
+            t = time.time()
+            text_record = pretrain_text_encoder(text_encoder, batch.ids, batch.mask, caption_labels(captions), cfg, log)
+            log.stage("text_encoder", seconds=round(time.time() - t, 1), **text_record)
     models = TorchModels(preset, text_encoder, transformer, vae.eval(), tok_path)
     log.stage(
         "dit_params",
