@@ -301,7 +301,12 @@ def test_text_pretraining_makes_direction_readable_from_the_pooled_caption(tmp_p
     from sorakit.tokenizer import PromptTokenizer
     from sorakit.train import data as shapes_data
     from sorakit.train.recipe import (
-        Logger, caption_labels, encode_captions, pretrain_text_encoder, tiny_config, tiny_shapes_preset,
+        Logger,
+        caption_labels,
+        encode_captions,
+        pretrain_text_encoder,
+        tiny_config,
+        tiny_shapes_preset,
     )
     from sorakit.train.tokenizer import train_tokenizer
 

@@ -173,7 +173,6 @@ def export_graph(module, spec: PieceSpec, args: tuple, path: Path, opset: int, e
         axes = {ax: d for ax, d in enumerate(io_.shape) if isinstance(d, str)}
         if axes:
             dynamic_axes[io_.name] = axes
-    buf = io.BytesIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
@@ -195,13 +194,13 @@ def export_graph(module, spec: PieceSpec, args: tuple, path: Path, opset: int, e
             if data.exists():
                 data.unlink()
         else:
-            torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset, input_names=input_names,
+            # straight to the file (no in-memory serialized copy of the weights), then re-saved
+            # below with the weights moved to external data
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes or None,
                               do_constant_folding=True)
-            model = onnx.load_from_string(buf.getbuffer())
-            buf.close()  # the serialized copy of the weights goes before the save below makes another
-            del buf
-            release_memory(collect=False)
+            release_memory(collect=True)
+            model = onnx.load(str(path))
     if spec.role == "block" and not dynamic_axes:
         from sorakit.graph_passes.tdtm import mark_boundaries
 
