@@ -207,7 +207,7 @@ def test_recipe_continues_a_previous_dit_and_ships_a_checkpoint(tmp_path):
     import json
 
     from sorakit.export.models import save_checkpoint
-    from sorakit.train.recipe import load_trained, run, tiny_config, tiny_shapes_preset
+    from sorakit.train.recipe import load_trained, run, save_fp16, tiny_config, tiny_shapes_preset
     from sorakit.train.report import ship
 
     preset = tiny_shapes_preset()
@@ -251,9 +251,25 @@ def test_recipe_continues_a_previous_dit_and_ships_a_checkpoint(tmp_path):
     for name, src in (("transformer", ck), ("text_encoder", ck), ("vae", tmp_path / "b")):
         assert (dest / name / "model.safetensors").read_bytes() == (src / name / "model.safetensors").read_bytes()
     on_disk = json.loads((dest / "training.json").read_text())
-    assert on_disk["shipped_from"] == {"run": "b", "checkpoint": "step1"} and on_disk["dit_steps_done"] == 1
+    assert on_disk["shipped_from"] == {"run": "b", "checkpoint": "step1", "vae": None} and on_disk["dit_steps_done"] == 1
     assert on_disk["adherence"]["direction_acc"] == 0.25 and rec["measured"] == measured
     assert not dest.with_name("shipped.partial").exists() and not dest.with_name("shipped.old").exists()
+
+    # a VAE whose decoder was tuned further may replace the run's; one with another encoder may not
+    tuned = load_trained(tmp_path / "b", preset).vae
+    with torch.no_grad():
+        tuned.spatial_vae.module.decoder.conv_out.weight.add_(0.05)
+    save_fp16(tuned, tmp_path / "tuned", "vae", ("shift", "scale"))
+    ship(tmp_path / "b", measure, "step1", dest=dest, vae_dir=tmp_path / "tuned")
+    assert (dest / "vae" / "model.safetensors").read_bytes() == (tmp_path / "tuned" / "model.safetensors").read_bytes()
+    assert json.loads((dest / "training.json").read_text())["shipped_from"]["vae"] == str(tmp_path / "tuned")
+    with torch.no_grad():
+        tuned.spatial_vae.module.encoder.conv_in.weight.add_(0.05)
+    save_fp16(tuned, tmp_path / "bad", "vae", ("shift", "scale"))
+    before = (dest / "vae" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="encoder.conv_in.weight differs"):
+        ship(tmp_path / "b", measure, "step1", dest=dest, vae_dir=tmp_path / "bad")
+    assert (dest / "vae" / "model.safetensors").read_bytes() == before  # the shipped copy is untouched
 
 
 def test_latent_object_mask_follows_the_object():

@@ -144,9 +144,17 @@ def direction_probe(models: TorchModels, seeds: int = 8, clips: int = 960) -> di
 
 
 def ship(
-    run_dir: str | Path, measure: Callable[[Path], dict], checkpoint: str | None = None, dest: Path = SHIPPED_DIR
+    run_dir: str | Path,
+    measure: Callable[[Path], dict],
+    checkpoint: str | None = None,
+    dest: Path = SHIPPED_DIR,
+    vae_dir: str | Path | None = None,
 ) -> dict:
     """Copy a recipe output (optionally one of its ``checkpoints/stepN``) into the package.
+
+    ``vae_dir``: take the VAE from this directory (holding ``model.safetensors``) instead of
+    the run's, e.g. one whose decoder was fine-tuned further (``finetune_decoder_dir``); only
+    the decoder may differ, since the DiT was trained on the run's encoder's latents.
 
     ``training.json`` gets the run's settings, log and evaluations plus ``measured``, the
     adherence and diagnostics of the copied files (``measure``: the shipped files -> dict; the
@@ -157,12 +165,19 @@ def ship(
 
     run_dir = Path(run_dir)
     dit_dir = run_dir / "checkpoints" / checkpoint if checkpoint else run_dir
+    sources = {
+        "transformer": dit_dir / "transformer",
+        "text_encoder": dit_dir / "text_encoder",
+        "vae": Path(vae_dir) if vae_dir else run_dir / "vae",
+    }
+    if vae_dir:
+        check_same_encoder(run_dir / "vae" / "model.safetensors", sources["vae"] / "model.safetensors")
     staging = dest.with_name(dest.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name, src in (("transformer", dit_dir), ("text_encoder", dit_dir), ("vae", run_dir)):
+    for name, src in sources.items():
         (staging / name).mkdir()
-        shutil.copy2(src / name / "model.safetensors", staging / name / "model.safetensors")
+        shutil.copy2(src / "model.safetensors", staging / name / "model.safetensors")
     shutil.copy2(run_dir / "tokenizer.json", staging / "tokenizer.json")
     measured = measure(staging)
     log = json.loads((run_dir / "training_log.json").read_text())
@@ -172,7 +187,7 @@ def ship(
         "recipe": "python -m sorakit.train --out DIR --seed SEED (see docs/training.md for this run's flags)",
         "config": log.get("config"),
         "stages": log.get("stages"),
-        "shipped_from": {"run": run_dir.name, "checkpoint": checkpoint},
+        "shipped_from": {"run": run_dir.name, "checkpoint": checkpoint, "vae": str(vae_dir) if vae_dir else None},
         "dit_steps_done": int(checkpoint.removeprefix("step")) if checkpoint else log["stages"]["dit"]["steps_done"],
         "evals": evals,
         "loss": [(e["step"], round(e["loss"], 4)) for e in log["events"] if e["stage"] == "dit"],
@@ -194,6 +209,20 @@ def ship(
     staging.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
     return record
+
+
+def check_same_encoder(a: Path, b: Path) -> None:
+    """Refuse a VAE whose encoder (or latent normalisation) differs from the run's: the DiT's
+    latents would no longer be the ones this VAE decodes."""
+    from safetensors.numpy import load_file
+
+    wa, wb = load_file(str(a)), load_file(str(b))
+    decoder = ("decoder.", "post_quant_conv.")
+    for key in sorted(wa):
+        if any(part in key for part in decoder):
+            continue
+        if key not in wb or wa[key].shape != wb[key].shape or not np.array_equal(wa[key], wb[key]):
+            raise ValueError(f"{b}: {key} differs from the run's VAE; only decoder weights may change")
 
 
 def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False) -> dict:
@@ -251,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--diagnostics", action="store_true", help="also sample with Open-Sora's 512^2 transform base")
     ap.add_argument("--ship", default=None, metavar="RUN_DIR", help="copy this recipe output into the package, measured")
     ap.add_argument("--checkpoint", default=None, help="with --ship: ship RUN_DIR/checkpoints/CHECKPOINT's T5 + DiT")
+    ap.add_argument("--vae", default=None, help="with --ship: the VAE from this directory (decoder fine-tuned further)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     img = Path(args.img) if args.img else None
@@ -259,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         return measure(model_dir, img, args.diagnostics)
 
     if args.ship:
-        out = ship(args.ship, run, args.checkpoint)["measured"]
+        out = ship(args.ship, run, args.checkpoint, vae_dir=args.vae)["measured"]
         print(f"shipped {args.ship} ({args.checkpoint or 'final'}) to {SHIPPED_DIR}")
     else:
         out = run(Path(args.model))
