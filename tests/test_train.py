@@ -182,7 +182,7 @@ def test_shipped_adherence_is_what_its_record_says(shipped_eval):
 
 @pytest.mark.xfail(
     not _shipped_meets_the_bar(),
-    reason="the shipped shapes model misses the direction bar (its training.json records the figures, "
+    reason="the shipped shapes model misses the adherence bar (its training.json records the figures, "
     "docs/training.md says why); this test turns strict once a model that meets it is shipped",
     strict=False,
 )

@@ -71,7 +71,7 @@ class RecipeConfig:
     num_clips: int = 3200
     threads: int = 2
     # spatial VAE (frames)
-    spatial_steps: int = 500
+    spatial_steps: int = 1500  # 500 left red/yellow and blue/cyan nearly identical in the latents (docs/training.md)
     spatial_batch: int = 16
     spatial_lr: float = 1e-3
     object_weight: float = 9.0  # extra loss weight on pixels that are not background
