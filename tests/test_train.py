@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -178,6 +180,15 @@ def test_shipped_adherence_is_what_its_record_says(shipped_eval):
     assert (shipped_eval["colour_acc"], shipped_eval["direction_acc"]) == pytest.approx(
         (a["colour_acc"], a["direction_acc"]), abs=1.5 / 24
     ), shipped_eval["per_prompt"]
+
+
+def test_training_doc_shows_the_shipped_figures():
+    """docs/training.md's figures block is what report renders from the shipped training.json."""
+    from sorakit.train.report import DOC_BEGIN, DOC_END, figures_markdown
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    block = doc.split(DOC_BEGIN, 1)[1].split(DOC_END, 1)[0].strip()
+    assert block == figures_markdown(_shipped_record()).strip()
 
 
 @pytest.mark.xfail(

@@ -272,6 +272,56 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False)
     return out
 
 
+DOC_BEGIN, DOC_END = "<!-- shipped-model figures: begin -->", "<!-- shipped-model figures: end -->"
+
+
+def figures_markdown(record: dict) -> str:
+    """The shipped model's figures as Markdown, from its training.json record."""
+    from sorakit.adherence import TARGET_COLOUR_ACC, TARGET_DIRECTION_ACC
+
+    m = record["measured"]
+    c, d = m["colour_acc"], m["direction_acc"]
+    verdict = "met" if c >= TARGET_COLOUR_ACC and d >= TARGET_DIRECTION_ACC else "missed"
+    lines = [
+        f"**Shipped model: colour {c:.0%} (target ≥ {TARGET_COLOUR_ACC:.0%}), direction {d:.0%} "
+        f"(target ≥ {TARGET_DIRECTION_ACC:.0%}), both {m['both_acc']:.0%}: the bar is {verdict}.**",
+        "",
+    ]
+    for base in (512, 256):
+        s = m.get(f"transform_base_{base}")
+        if s:
+            lines.append(
+                f"Sampled with a {base}² timestep-transform base instead of the trained 64²: colour "
+                f"{s['colour_acc']:.0%}, direction {s['direction_acc']:.0%}."
+            )
+    if m.get("direction_probe"):
+        lines.append(f"Direction probe at t = 1000 (model vs data): `{json.dumps(m['direction_probe'])}`.")
+    lines.append(f"Text sensitivity by t (relative change of v between opposite directions): `{json.dumps(m['text_sensitivity'])}`.")
+    evals = "; ".join(
+        f"step {e['step']}: colour {e['colour_acc']:.0%}, direction {e['direction_acc']:.0%}" for e in record.get("evals", [])
+    )
+    if evals:
+        lines += ["", f"Evaluations during training (EMA weights, same prompts, the run's own VAE): {evals}."]
+    lines += ["", "| prompt | colour seen | direction seen | ok |", "|---|---|---|---|"]
+    for r in m["per_prompt"]:
+        ok = " + ".join(k for k, v in (("colour", r["colour_ok"]), ("direction", r["direction_ok"])) if v) or "—"
+        lines.append(f"| {r['prompt']} | {r['colour'] or 'none'} | {r['direction'] or 'no clear line'} | {ok} |")
+    cos = m["velocity_cosine_mean"]
+    lines += ["", "Velocity cosine, mean over the prompts, per step (step i = cos(v_i, v_i+1)): "
+              + ", ".join(f"{v:.3f}" for v in cos) + "."]
+    return "\n".join(lines)
+
+
+def update_doc(doc: Path, record: dict) -> None:
+    """Replace the block between the markers in ``doc`` with the record's figures."""
+    text = doc.read_text()
+    if DOC_BEGIN not in text or DOC_END not in text:
+        raise ValueError(f"{doc}: markers {DOC_BEGIN!r} ... {DOC_END!r} not found")
+    head, rest = text.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    doc.write_text(head + DOC_BEGIN + "\n" + figures_markdown(record) + "\n" + DOC_END + tail)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m sorakit.train.report", description=__doc__)
     ap.add_argument("--model", default=str(SHIPPED_DIR))
@@ -281,7 +331,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ship", default=None, metavar="RUN_DIR", help="copy this recipe output into the package, measured")
     ap.add_argument("--checkpoint", default=None, help="with --ship: ship RUN_DIR/checkpoints/CHECKPOINT's T5 + DiT")
     ap.add_argument("--vae", default=None, help="with --ship: the VAE from this directory (decoder fine-tuned further)")
+    ap.add_argument(
+        "--doc",
+        default=None,
+        help="rewrite the shipped model's figures block in this Markdown file from its training.json "
+        "(alone: without sampling anything)",
+    )
     args = ap.parse_args(argv)
+    if args.doc and not (args.ship or args.json or args.img or args.diagnostics):
+        update_doc(Path(args.doc), json.loads((SHIPPED_DIR / "training.json").read_text()))
+        return
     torch.set_num_threads(2)
     img = Path(args.img) if args.img else None
 
@@ -295,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         out = run(Path(args.model))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
+    if args.doc:
+        update_doc(Path(args.doc), json.loads((SHIPPED_DIR / "training.json").read_text()))
 
 
 if __name__ == "__main__":
