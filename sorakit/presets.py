@@ -290,8 +290,8 @@ def shapes_preset() -> ModelPreset:
                 num_groups=8,
             ),
             # per-channel mean/std of the trained VAE's latents (written by the recipe, see docs/training.md)
-            shift=(0.2978, -0.163, -0.344, 0.331, -0.341, -0.2962, 0.018, -0.0363),
-            scale=(0.7465, 0.1013, 1.1073, 1.0373, 1.4433, 0.6901, 1.0028, 1.4316),
+            shift=(0.2263, -0.0942, -0.2403, 0.2178, -0.1354, -0.2047, -0.0665, -0.0328),
+            scale=(1.7695, 1.162, 1.3366, 1.7389, 2.163, 0.4384, 0.7065, 0.738),
         ),
         t5=T5Config(vocab_size=512, d_model=128, d_kv=32, d_ff=256, num_layers=3, num_heads=4, max_length=24),
         sampler=SamplerConfig(transform_base_resolution=64 * 64),
