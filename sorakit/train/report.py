@@ -301,7 +301,7 @@ def figures_markdown(record: dict) -> str:
         f"step {e['step']}: colour {e['colour_acc']:.0%}, direction {e['direction_acc']:.0%}" for e in record.get("evals", [])
     )
     if evals:
-        lines += ["", f"Evaluations during training (EMA weights, same prompts, the run's own VAE): {evals}."]
+        lines += ["", f"Evaluations during training (EMA weights, same prompts, decoded by the run's VAE as it was at that point): {evals}."]
     lines += ["", "| prompt | colour seen | direction seen | ok |", "|---|---|---|---|"]
     for r in m["per_prompt"]:
         ok = " + ".join(k for k, v in (("colour", r["colour_ok"]), ("direction", r["direction_ok"])) if v) or "—"
