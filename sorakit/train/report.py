@@ -287,11 +287,12 @@ def figures_markdown(record: dict) -> str:
         f"(target ≥ {TARGET_DIRECTION_ACC:.0%}), both {m['both_acc']:.0%}: the bar is {verdict}.**",
         "",
     ]
+    trained = round(shapes_preset().sampler.transform_base_resolution**0.5)
     for base in (512, 256):
         s = m.get(f"transform_base_{base}")
         if s:
             lines.append(
-                f"Sampled with a {base}² timestep-transform base instead of the trained 64²: colour "
+                f"Sampled with a {base}² timestep-transform base instead of the trained {trained}²: colour "
                 f"{s['colour_acc']:.0%}, direction {s['direction_acc']:.0%}."
             )
     if m.get("direction_probe"):
@@ -338,8 +339,12 @@ def main(argv: list[str] | None = None) -> None:
         "(alone: without sampling anything)",
     )
     args = ap.parse_args(argv)
-    if args.doc and not (args.ship or args.json or args.img or args.diagnostics):
+
+    def write_doc() -> None:
         update_doc(Path(args.doc), json.loads((SHIPPED_DIR / "training.json").read_text()))
+
+    if args.doc and not (args.ship or args.json or args.img or args.diagnostics):
+        write_doc()
         return
     torch.set_num_threads(2)
     img = Path(args.img) if args.img else None
@@ -355,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.doc:
-        update_doc(Path(args.doc), json.loads((SHIPPED_DIR / "training.json").read_text()))
+        write_doc()
 
 
 if __name__ == "__main__":
