@@ -359,3 +359,55 @@ def test_text_pretraining_makes_direction_readable_from_the_pooled_caption(tmp_p
 
     after = direction_separation(encode_captions(t5, batch.ids, batch.mask))
     assert after > 1.5 * direction_separation(y0)
+
+
+def test_latent_whitening_changes_coordinates_not_videos():
+    """Folding the whitening map into the temporal VAE leaves decode(encode(.)) as it was and
+    returns the coordinates the re-encoded VAE produces, with identity covariance above the floor."""
+    from sorakit.export.models import build
+    from sorakit.train.recipe import encode_temporal, tiny_shapes_preset, whiten_latents
+
+    torch.manual_seed(0)
+    vae = build("vae", tiny_shapes_preset()).float().eval()
+    tvae = vae.temporal_vae
+    with torch.no_grad():  # seeded values everywhere, and a posterior std that is not the init's
+        for p in tvae.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        tvae.quant_conv.conv.weight[tvae.cfg.embed_dim :] = 0.0  # a narrow posterior (log-variance -20)
+        tvae.quant_conv.conv.bias[tvae.cfg.embed_dim :] = -20.0
+    C_in = tvae.cfg.latent_embed_dim
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(C_in, C_in)) * np.array([3.0, 1.0, 0.3, 0.1][:C_in])  # correlated channels
+    s = np.einsum("ij,njthw->nithw", mix, rng.normal(size=(48, C_in, 17, 4, 4))).astype(np.float32)
+    with torch.no_grad():
+        before = tvae.decode(tvae.encode(torch.from_numpy(s[:4]), sample=False), 17)
+    z_mean, z_std = encode_temporal(vae, s)
+    C = z_mean.shape[1]
+    cells = z_mean.transpose(0, 2, 3, 4, 1).reshape(-1, C)
+    assert np.abs(np.corrcoef(cells.T) - np.eye(C)).max() > 0.3  # there is something to whiten
+
+    zw, sw, record = whiten_latents(vae, z_mean, z_std, floor=1e-6)
+    with torch.no_grad():
+        after = tvae.decode(tvae.encode(torch.from_numpy(s[:4]), sample=False), 17)
+    assert (after - before).abs().max().item() < 1e-4 * before.abs().max().item()
+    again, _ = encode_temporal(vae, s)
+    np.testing.assert_allclose(again, zw, atol=1e-4)
+    cells_w = zw.transpose(0, 2, 3, 4, 1).reshape(-1, C).astype(np.float64)
+    post = (sw.astype(np.float64) ** 2).transpose(0, 2, 3, 4, 1).reshape(-1, C).mean(axis=0)
+    np.testing.assert_allclose(np.cov(cells_w.T) + np.diag(post), np.eye(C), atol=0.02)
+    assert len(record["gain"]) == C and min(record["gain"]) > 0
+
+
+def test_latent_whitening_floor_caps_the_gain():
+    from sorakit.export.models import build
+    from sorakit.train.recipe import tiny_shapes_preset, whiten_latents
+
+    vae = build("vae", tiny_shapes_preset()).float().eval()
+    rng = np.random.default_rng(1)
+    C = vae.temporal_vae.cfg.embed_dim
+    z = rng.normal(size=(32, C, 5, 4, 4)).astype(np.float32) * np.array([1.0] + [1e-3] * (C - 1))[None, :, None, None, None]
+    std = np.full_like(z, 0.01)
+    _, _, record = whiten_latents(vae, z.astype(np.float32), std, floor=4.0)
+    cap = 1 / np.sqrt(4.0 * 1e-4)
+    assert max(record["gain"]) == pytest.approx(cap, rel=1e-3)  # the noise-level directions stop at the floor
+    assert record["gain"][0] == pytest.approx(1 / np.sqrt(1.0 + 1e-4), rel=0.1)  # the strong one goes to unit variance
