@@ -25,7 +25,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae-from", default=None, help="ablation: reuse this output directory's VAE, train only T5 + DiT")
     ap.add_argument("--dit-from", default=None, help="continue this output directory's T5 + DiT (use with --vae-from)")
     ap.add_argument("--decoder-steps", type=int, default=None, help="decoder fine-tune steps (0: keep the VAE as is)")
-    ap.add_argument("--pixel-weight", type=float, default=None, help="weight of the DiT's pixel-space term")
     ap.add_argument("--spatial-from", default=None, help="resume: reuse this output directory's spatial VAE")
     ap.add_argument(
         "--transform-base",
@@ -39,8 +38,6 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("minutes", "dit_steps", "num_clips", "threads", "eval_every", "decoder_steps"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
-    if args.pixel_weight is not None:
-        changes["dit_pixel_weight"] = args.pixel_weight
     cfg = dataclasses.replace(cfg, **changes)
     preset = tiny_shapes_preset() if args.tiny else shapes_preset()
     if args.transform_base:

@@ -104,12 +104,6 @@ class RecipeConfig:
     dit_warmup: int = 200
     dit_decay_from: float = 0.6  # cosine decay to 10 % over the last 40 % of the steps
     latent_object_weight: float = 8.0  # extra DiT loss weight on latent cells the object passes through
-    # pixel term: the DiT's x0 prediction decoded by the (frozen) VAE against the decoded target,
-    # object pixels weighted up. Neighbouring hues sit ~10x closer in the latents than distant
-    # ones, so the latent MSE barely charges red-for-magenta; in pixels the difference is whole.
-    dit_pixel_weight: float = 0.0
-    dit_pixel_clips: int = 8  # clips of the batch decoded for the pixel term
-    dit_pixel_frames: int = 2  # frames per clip through the spatial decoder
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     grad_clip: float = 1.0
@@ -382,7 +376,9 @@ def encode_temporal(vae: nn.Module, s_mean: np.ndarray, batch: int = 64) -> tupl
 
 
 @torch.no_grad()
-def whiten_latents(vae: nn.Module, z_mean: np.ndarray, z_std: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, dict]:
+def whiten_latents(
+    vae: nn.Module, z_mean: np.ndarray, z_std: np.ndarray, floor: float
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Make the temporal latent's channels uncorrelated with unit variance, inside the VAE's own weights.
 
     The trained temporal VAE spreads one signal over all its channels (pairwise correlations
@@ -712,13 +708,8 @@ def latent_object_mask(videos: np.ndarray, latent_shape: tuple[int, int, int], b
 
 
 def rflow_loss(
-    transformer: nn.Module,
-    text_encoder: nn.Module,
-    batch: dict,
-    preset: ModelPreset,
-    dropout: float,
-    with_x0: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    transformer: nn.Module, text_encoder: nn.Module, batch: dict, preset: ModelPreset, dropout: float
+) -> torch.Tensor:
     """One rectified-flow loss: x_t = (1 - t) x0 + t eps, target v = x0 - eps."""
     x0 = batch["z"]
     B = x0.shape[0]
@@ -743,38 +734,10 @@ def rflow_loss(
         torch.tensor([float(H)]),
         torch.tensor([float(W)]),
     )
-    v = out[:, : x0.shape[1]]
-    err = (v - (x0 - eps)).pow(2)
+    err = (out[:, : x0.shape[1]] - (x0 - eps)).pow(2)
     if "weight" in batch:  # the object is a few latent cells: weight them up so its placement counts
-        loss = (err * batch["weight"]).mean() / batch["weight"].mean()
-    else:
-        loss = err.mean()
-    if with_x0:
-        return loss, x_t + tau * v, tau.flatten()  # x_t + tau v is the model's x0 estimate
-    return loss
-
-
-def pixel_loss(
-    vae: nn.Module, x0_hat: torch.Tensor, x0: torch.Tensor, tau: torch.Tensor, num_frames: int, cfg: RecipeConfig, rng
-) -> torch.Tensor:
-    """Decode a few clips' x0 estimates and targets; object-weighted pixel error, weighted by 1 - t.
-
-    Only the first ``dit_pixel_clips`` clips (their t are random) and ``dit_pixel_frames`` random
-    frames of each go through the spatial decoder; the VAE's weights are frozen, the gradient
-    reaches the DiT through the decoder. The (1 - t) weight leaves the high-noise steps, where
-    the x0 estimate is a blur of many videos, to the latent loss.
-    """
-    n = min(cfg.dit_pixel_clips, x0.shape[0])
-    k = cfg.dit_pixel_frames
-    frames = torch.from_numpy(rng.integers(num_frames, size=(n, k)))
-    rows = torch.arange(n)[:, None]
-    with torch.no_grad():
-        target = vae.spatial_vae.decode_frames(vae.decode_latent_frames(x0[:n], num_frames)[rows, :, frames].flatten(0, 1))
-    lat = vae.decode_latent_frames(x0_hat[:n], num_frames)[rows, :, frames].flatten(0, 1)
-    pix = vae.spatial_vae.decode_frames(lat)
-    err = pix - target
-    per = ((err.abs() + err.pow(2)) * object_weights(target, cfg.decoder_object_weight)).flatten(1).mean(dim=1)
-    return (per * (1 - tau[:n]).repeat_interleave(k)).mean()
+        return (err * batch["weight"]).mean() / batch["weight"].mean()
+    return err.mean()
 
 
 def evaluate(models: TorchModels, cfg: RecipeConfig) -> dict:
@@ -861,10 +824,6 @@ def train_dit(
     t_start = time.time()
     prog, task = log.progress(cfg.dit_steps, "DiT")
     history: list[float] = []
-    pix_history: list[float] = []
-    num_frames = shapes_data.NUM_FRAMES
-    vae_grad = [p.requires_grad for p in models.vae.parameters()]
-    models.vae.eval().requires_grad_(False)
     step = 0
     with prog:
         for step in range(cfg.dit_steps):
@@ -876,13 +835,7 @@ def train_dit(
                 batch["y"] = torch.from_numpy(y_all[idx])
             if object_mask is not None and cfg.latent_object_weight > 0:
                 batch["weight"] = 1.0 + cfg.latent_object_weight * torch.from_numpy(object_mask[idx])
-            if cfg.dit_pixel_weight > 0:
-                lat_loss, x0_hat, tau = rflow_loss(dit, t5, batch, preset, cfg.caption_dropout, with_x0=True)
-                pix = pixel_loss(models.vae, x0_hat, batch["z"], tau, num_frames, cfg, rng)
-                loss = lat_loss + cfg.dit_pixel_weight * pix
-                pix_history.append(pix.item())
-            else:
-                loss = rflow_loss(dit, t5, batch, preset, cfg.caption_dropout)
+            loss = rflow_loss(dit, t5, batch, preset, cfg.caption_dropout)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -895,10 +848,8 @@ def train_dit(
             if (step + 1) % cfg.log_every == 0:
                 mean = float(np.mean(history[-cfg.log_every :]))
                 rate = (time.time() - t_start) / (step + 1)
-                pix_mean = float(np.mean(pix_history[-cfg.log_every :])) if pix_history else None
-                pix_text = f" (pixel term {pix_mean:.4f})" if pix_mean is not None else ""
-                log.info(f"DiT step {step + 1}/{cfg.dit_steps} loss {mean:.4f}{pix_text} ({rate:.2f} s/step)")
-                log.event("dit", step=step + 1, loss=mean, pixel=pix_mean, sec_per_step=round(rate, 3))
+                log.info(f"DiT step {step + 1}/{cfg.dit_steps} loss {mean:.4f} ({rate:.2f} s/step)")
+                log.event("dit", step=step + 1, loss=mean, sec_per_step=round(rate, 3))
             last = step + 1 == cfg.dit_steps
             over = cfg.minutes is not None and (time.time() - t_start) / 60 > cfg.minutes
             if (step + 1) % cfg.eval_every == 0 or last or over:
@@ -931,8 +882,6 @@ def train_dit(
             if over:
                 log.info(f"stopping at step {step + 1}: the {cfg.minutes} min cap was reached")
                 break
-    for p, g in zip(models.vae.parameters(), vae_grad):
-        p.requires_grad_(g)
     log.stage("dit", steps_done=step + 1, final_loss=float(np.mean(history[-cfg.log_every :])))
     return ema_t5.module.eval(), ema_dit.module.eval()
 
