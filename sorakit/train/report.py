@@ -225,8 +225,12 @@ def check_same_encoder(a: Path, b: Path) -> None:
             raise ValueError(f"{b}: {key} differs from the run's VAE; only decoder weights may change")
 
 
-def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False) -> dict:
-    """Adherence, velocity cosines, text sensitivity (and diagnostics, figures) of a model directory."""
+def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False, seeds: int = 1) -> dict:
+    """Adherence, velocity cosines, text sensitivity (and diagnostics, figures) of a model directory.
+
+    ``seeds`` > 1 also samples the prompts with noise seeds 1 .. seeds-1: one seed's 24 videos
+    move by a couple of prompts from seed to seed, the mean over several is steadier.
+    """
     from sorakit.train.recipe import text_sensitivity, velocity_cosines
 
     models = load_shipped(model_dir)
@@ -252,6 +256,13 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False)
         "text_sensitivity": text_sensitivity(models),
     }
     print("text sensitivity (relative change of v between opposite directions) by t:", out["text_sensitivity"])
+    if seeds > 1:
+        by_seed = [{"seed": EVAL_SEED, "colour_acc": score["colour_acc"], "direction_acc": score["direction_acc"]}]
+        for seed in range(1, seeds):
+            s, _ = adherence(models, seed=seed)
+            by_seed.append({"seed": seed, "colour_acc": s["colour_acc"], "direction_acc": s["direction_acc"]})
+            print(f"noise seed {seed}: colour {s['colour_acc']:.1%} direction {s['direction_acc']:.1%}")
+        out["by_seed"] = by_seed
     if diagnostics:
         out["direction_probe"] = direction_probe(models)
         print("direction probe (model vs data at t = 1000):", out["direction_probe"])
@@ -295,6 +306,14 @@ def figures_markdown(record: dict) -> str:
                 f"Sampled with a {base}² timestep-transform base instead of the trained {trained}²: colour "
                 f"{s['colour_acc']:.0%}, direction {s['direction_acc']:.0%}."
             )
+    if m.get("by_seed"):
+        per = m["by_seed"]
+        mean_c = sum(r["colour_acc"] for r in per) / len(per)
+        mean_d = sum(r["direction_acc"] for r in per) / len(per)
+        lines.append(
+            f"Over noise seeds {per[0]['seed']}–{per[-1]['seed']} ({len(EVAL_PROMPTS) * len(per)} videos): colour {mean_c:.1%}, "
+            f"direction {mean_d:.1%} (colour per seed: " + ", ".join(f"{r['colour_acc']:.0%}" for r in per) + ")."
+        )
     if m.get("direction_probe"):
         lines.append(f"Direction probe at t = 1000 (model vs data): `{json.dumps(m['direction_probe'])}`.")
     lines.append(f"Text sensitivity by t (relative change of v between opposite directions): `{json.dumps(m['text_sensitivity'])}`.")
@@ -329,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--img", default=None, help="write velocity_cosine.png and shapes_samples.png here")
     ap.add_argument("--json", default=None, help="write the figures as JSON here")
     ap.add_argument("--diagnostics", action="store_true", help="also sample with Open-Sora's 512^2 transform base")
+    ap.add_argument("--seeds", type=int, default=1, help="score the prompts with noise seeds 0 .. N-1 (default 1)")
     ap.add_argument("--ship", default=None, metavar="RUN_DIR", help="copy this recipe output into the package, measured")
     ap.add_argument("--checkpoint", default=None, help="with --ship: ship RUN_DIR/checkpoints/CHECKPOINT's T5 + DiT")
     ap.add_argument("--vae", default=None, help="with --ship: the VAE from this directory (decoder fine-tuned further)")
@@ -350,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     img = Path(args.img) if args.img else None
 
     def run(model_dir: Path) -> dict:
-        return measure(model_dir, img, args.diagnostics)
+        return measure(model_dir, img, args.diagnostics, args.seeds)
 
     if args.ship:
         out = ship(args.ship, run, args.checkpoint, vae_dir=args.vae)["measured"]
