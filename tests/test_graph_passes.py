@@ -148,6 +148,19 @@ def test_precision_passes_within_their_gates(tiny_bundle, optimized_tiny, tmp_pa
                if len(i.dims) == 2)  # T5 stays fp32
 
 
+def test_int8_quantizes_blocks_and_keeps_prologue_epilogue_fp32(optimized_tiny):
+    out, _ = optimized_tiny
+    transformer = Bundle.open(out).manifest.components["transformer"]
+
+    def ops(role):
+        return {n.op_type for g in transformer.by_role(role)
+                for n in onnx.load(str(out / g.file), load_external_data=False).graph.node}
+
+    assert "MatMulInteger" in ops("block")
+    for role in ("prologue", "epilogue"):
+        assert transformer.by_role(role) and "MatMulInteger" not in ops(role) and "MatMul" in ops(role), role
+
+
 def test_failed_gate_is_refused_unless_forced(tiny_bundle, tmp_path):
     with pytest.raises(SorakitError, match="fails its quality gate"):
         optimize_bundle(tiny_bundle[0], tmp_path / "x", "int8", gates={"int8": 0.9999}, gate_steps=4)
