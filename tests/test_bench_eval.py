@@ -93,3 +93,23 @@ def test_eval_on_the_small_preset(tiny_bundle, tmp_path):
 def test_eval_bad_input(tiny_bundle, tmp_path):
     res = _cli("eval", "--bundle", str(tiny_bundle[0]), "--out", str(tmp_path), "--precisions", "int4")
     assert res.returncode == 1 and "unknown precision 'int4'" in res.stderr
+
+
+def test_variant_bundles_are_reused_only_for_the_same_source(tiny_bundle, tmp_path):
+    """A kept --work directory must not hand a variant of one model to the evaluation of another."""
+    import shutil
+
+    from sorakit.evaluation.common import variant_bundle
+
+    src = tiny_bundle[0]
+    work = tmp_path / "work"
+    first = variant_bundle(src, work, ["prune"])
+    stamp = (first / "manifest.json").stat().st_mtime_ns
+    assert variant_bundle(src, work, ["prune"]) == first  # same source: reused, not rebuilt
+    assert (first / "manifest.json").stat().st_mtime_ns == stamp
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))  # another model's manifest
+    second = variant_bundle(other, work, ["prune"])
+    assert second != first and (second / "manifest.json").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,21 @@ class WorkDir:
             self._tmp.cleanup()
 
 
+def variant_key(bundle: Path) -> str:
+    """What a variant bundle depends on: the source bundle's manifest (its graphs' hashes) and
+    the graph-pass code. A variant made from another model or by other pass code is not reused."""
+    import sorakit.graph_passes as gp
+
+    h = hashlib.sha256((Path(bundle) / "manifest.json").read_bytes())
+    for src in sorted(Path(gp.__file__).parent.glob("*.py")):
+        h.update(src.name.encode() + src.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def variant_bundle(bundle: Path, work: Path, passes: list[str], say: Callable[[str], None] | None = None) -> Path:
     """``bundle`` with ``passes`` applied (ungated: bench and eval measure the effect themselves),
-    made once into ``work`` and reused; passes the bundle already carries are skipped."""
+    made once into ``work`` and reused while the source bundle and the pass code are the same;
+    passes the bundle already carries are skipped."""
     from sorakit.bundle.io import Bundle
     from sorakit.graph_passes.pipeline import optimize_bundle
 
@@ -30,7 +43,7 @@ def variant_bundle(bundle: Path, work: Path, passes: list[str], say: Callable[[s
     todo = [p for p in passes if p not in applied]
     if not todo:
         return bundle
-    target = work / "_".join(passes)
+    target = work / f"{'_'.join(passes)}-{variant_key(bundle)}"
     if not (target / "manifest.json").is_file():
         if say:
             say(f"optimize {','.join(todo)}")

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae-from", default=None, help="ablation: reuse this output directory's VAE, train only T5 + DiT")
     ap.add_argument("--dit-from", default=None, help="continue this output directory's T5 + DiT (use with --vae-from)")
     ap.add_argument("--decoder-steps", type=int, default=None, help="decoder fine-tune steps (0: keep the VAE as is)")
+    ap.add_argument(
+        "--whiten-floor", type=float, default=None, help="latent whitening floor in posterior variances (0: off)"
+    )
     ap.add_argument("--spatial-from", default=None, help="resume: reuse this output directory's spatial VAE")
     ap.add_argument(
         "--transform-base",
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("minutes", "dit_steps", "num_clips", "threads", "eval_every", "decoder_steps"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    if args.whiten_floor is not None:
+        changes["latent_whiten_floor"] = args.whiten_floor
     cfg = dataclasses.replace(cfg, **changes)
     preset = tiny_shapes_preset() if args.tiny else shapes_preset()
     if args.transform_base:
