@@ -385,8 +385,8 @@ def whiten_latents(
     up to 0.998; of the 8 directions of a latent cell one carries 88 % of the variance), and
     hue lives in directions with 1 % of it or less. Per-channel normalisation cannot undo
     that, so in the DiT's loss and under its isotropic noise red and yellow are 0.17 apart
-    while red and blue are 6.5. A symmetric (ZCA) whitening map W = U diag(f) U^T,
-    f = 1 / sqrt(max(lambda, floor * posterior variance)), is folded into the 1x1x1 quant_conv
+    while red and blue are 6.5. A symmetric (ZCA) whitening map W = U diag(gain) U^T,
+    gain = 1 / sqrt(max(lambda, floor * posterior variance)), is folded into the 1x1x1 quant_conv
     (mean rows) and its inverse into post_quant_conv, so the classes and the decoded videos
     stay as they were and only the coordinates the DiT works in change. The floor keeps
     directions that are mostly posterior noise from being blown up to unit variance.
@@ -399,9 +399,9 @@ def whiten_latents(
     m = cells.mean(axis=0)
     cov = np.cov(cells.T) + np.diag(post_var)
     lam, U = np.linalg.eigh(cov)
-    f = 1.0 / np.sqrt(np.maximum(lam, floor * post_var.mean()))
-    W = (U * f) @ U.T
-    W_inv = (U / f) @ U.T
+    gain = 1.0 / np.sqrt(np.maximum(lam, floor * post_var.mean()))
+    W = (U * gain) @ U.T
+    W_inv = (U / gain) @ U.T
     q, pq = tvae.quant_conv.conv, tvae.post_quant_conv.conv
     Wt, Wi, mt = (torch.from_numpy(a).to(q.weight.dtype) for a in (W, W_inv, m))
     qw = q.weight[:C, :, 0, 0, 0].clone()
@@ -417,7 +417,7 @@ def whiten_latents(
     record = {
         "eigenvalues_before": [float(f"{v:.4g}") for v in lam[::-1]],
         "posterior_variance": float(f"{post_var.mean():.4g}"),
-        "gain": [round(float(v), 3) for v in f[::-1]],
+        "gain": [round(float(v), 3) for v in gain[::-1]],
     }
     return z_w, std_w, record
 
