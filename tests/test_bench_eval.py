@@ -73,9 +73,11 @@ def test_bench_on_the_small_preset(tiny_bundle, tmp_path):
 def test_eval_on_the_small_preset(tiny_bundle, tmp_path):
     out = tmp_path / "eval"
     res = _cli("eval", "--bundle", str(tiny_bundle[0]), "--out", str(out), "--steps", "4", "--prompts", "2",
-               "--lpl", "2,dynamic", "--tdtm", "2", "--precisions", "int8", "--work", str(tmp_path / "work"))
+               "--lpl", "2,dynamic", "--tdtm", "2", "--precisions", "int8", "--work", str(tmp_path / "work"),
+               "--repeats", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((out / "eval.json").read_text())
+    assert data["timing_repeats"] == 2 and "fastest of 2 identical runs" in (out / "eval.md").read_text()
     rows = data["rows"]
     assert set(rows) == {"reference", "lpl 2", "lpl dynamic", "tdtm 2", "int8"}
     assert rows["reference"]["ssim"] == pytest.approx(1.0)
@@ -88,6 +90,8 @@ def test_eval_on_the_small_preset(tiny_bundle, tmp_path):
     for png in ("velocity_cosine.png", "quality_vs_speed.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "| LPL 2 |" in (out / "eval.md").read_text()
+    bad = _cli("eval", "--bundle", str(tiny_bundle[0]), "--out", str(tmp_path / "bad"), "--repeats", "0")
+    assert bad.returncode != 0 and "--repeats" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_eval_bad_input(tiny_bundle, tmp_path):

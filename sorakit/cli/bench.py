@@ -75,6 +75,7 @@ def evaluate(
     adherence: Annotated[bool | None, typer.Option("--adherence/--no-adherence",
                                                    help="Score the 24 adherence prompts (default: on for the shipped model)")] = None,
     work: Annotated[Path | None, typer.Option(help="Keep the optimised variant bundles here")] = None,
+    repeats: Annotated[int, typer.Option(help="Time each setting this many times and keep the fastest")] = 3,
 ) -> None:
     """SSIM/PSNR of LPL, TDTM, fp16 and int8 against the full-step fp32 output; adherence; Figure 5."""
     from sorakit.evaluation.quality import EvalSettings, run_eval
@@ -86,6 +87,9 @@ def evaluate(
         raise SorakitError(f"--prompts must be between 1 and {len(s.prompts)}")
     s.prompts = s.prompts[:prompts]
     s.seeds = list(range(seeds))
+    if repeats < 1:
+        raise SorakitError(f"--repeats must be at least 1, got {repeats}")
+    s.timing_repeats = repeats
     s.lpl = [x.strip() for x in lpl.split(",") if x.strip()]
     try:
         s.tdtm = [int(x) for x in tdtm.split(",") if x.strip()]

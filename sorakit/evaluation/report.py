@@ -62,7 +62,8 @@ def bench_markdown(res: dict[str, Any], command: str) -> str:
 def eval_markdown(res: dict[str, Any], command: str) -> str:
     lines = [f"Command: `{command}`", "",
              f"Model: {res['preset']}; {len(res['prompts'])} prompts x {len(res['seeds'])} seeds, {res['steps']} steps, "
-             f"CFG {res['cfg']}. Every row is compared with the full-step fp32 video of the same prompt and seed.", "",
+             f"CFG {res['cfg']}. Every row is compared with the full-step fp32 video of the same prompt and seed; "
+             f"transformer time is the fastest of {res.get('timing_repeats', 1)} identical runs.", "",
              "| setting | SSIM | min SSIM | PSNR dB | flicker | transformer calls | transformer speed-up |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"].values():
