@@ -195,6 +195,23 @@ def measure_colour(frames: np.ndarray, dist: np.ndarray, mask: np.ndarray) -> st
     return name_colour(np.median(frames[core].astype(np.float32), axis=0))
 
 
+def colour_consistency(frames: np.ndarray, dist: np.ndarray, mask: np.ndarray, colour: str | None) -> float | None:
+    """Share of the frames showing an object whose own colour is the clip's colour.
+
+    The clip's colour is a median over all frames, so a clip that turns magenta for a few
+    frames still scores as red; this says how steady the colour is (None: no object).
+    """
+    if colour is None:
+        return None
+    core = dist > CORE_DISTANCE
+    named = []
+    for f in range(frames.shape[0]):
+        pixels = core[f] if core[f].sum() >= 4 else mask[f]
+        if pixels.sum() >= 4:
+            named.append(name_colour(np.median(frames[f][pixels].astype(np.float32), axis=0)))
+    return sum(n == colour for n in named) / len(named) if named else None
+
+
 def score_video(frames: np.ndarray, prompt: str) -> dict:
     """Score one video [F,H,W,3] uint8 against its prompt.
 
@@ -208,6 +225,7 @@ def score_video(frames: np.ndarray, prompt: str) -> dict:
     mask, dist = object_masks(frames)
     colour = measure_colour(frames, dist, mask)
     motion = measure_motion(mask)
+    consistency = colour_consistency(frames, dist, mask, colour)
     return {
         "prompt": prompt,
         "want_colour": intent.colour,
@@ -219,6 +237,7 @@ def score_video(frames: np.ndarray, prompt: str) -> dict:
         "displacement": [round(float(v), 2) for v in motion["displacement"]],
         "linearity": round(float(motion["linearity"]), 3),
         "tracked": round(float(motion["tracked"]), 3),
+        "colour_consistency": consistency if consistency is None else round(consistency, 3),
     }
 
 
@@ -232,6 +251,8 @@ def score_set(videos: Sequence[np.ndarray] | np.ndarray, prompts: Sequence[str])
         "colour_acc": sum(r["colour_ok"] for r in per) / n,
         "direction_acc": sum(r["direction_ok"] for r in per) / n,
         "both_acc": sum(r["colour_ok"] and r["direction_ok"] for r in per) / n,
+        "colour_consistency": float(np.mean(steady)) if (steady := [
+            r["colour_consistency"] for r in per if r["colour_consistency"] is not None]) else None,
         "n": len(per),
         "per_prompt": per,
     }

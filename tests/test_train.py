@@ -48,6 +48,24 @@ def test_adherence_is_perfect_on_ground_truth_clips():
     videos, captions, _ = make_dataset(48, seed=2)
     s = score_set(videos, captions)
     assert s["colour_acc"] == 1.0 and s["direction_acc"] == 1.0
+    assert s["colour_consistency"] == 1.0
+
+
+def test_colour_consistency_sees_frames_of_another_colour():
+    """A clip that turns another colour for a few frames keeps its median colour but loses consistency."""
+    from sorakit.adherence import COLOURS as PALETTE
+
+    videos, captions, attrs = make_dataset(6, seed=4)
+    for video, caption, a in zip(videos, captions, attrs):
+        other = next(c for c in PALETTE if c != a["colour"])
+        bg = np.median(video.reshape(len(video), -1, 3), axis=1)
+        recoloured = video.copy()
+        for f in range(0, 5):  # 5 of 17 frames: the median colour stays the clip's
+            obj = np.abs(video[f].astype(int) - bg[f]).max(axis=-1) > 60
+            recoloured[f][obj] = PALETTE[other]
+        r = score_video(recoloured, caption)
+        assert r["colour_ok"] and r["colour_consistency"] == pytest.approx(12 / 17, abs=0.07), (caption, r)
+        assert score_video(video, caption)["colour_consistency"] == 1.0
 
 
 def test_adherence_rejects_wrong_direction_and_colour():

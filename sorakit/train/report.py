@@ -237,6 +237,8 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
     score, videos = adherence(models)
     print(f"adherence on {score['n']} prompts (30 steps, CFG 7, seed 0):")
     print(f"  colour {score['colour_acc']:.1%}  direction {score['direction_acc']:.1%}  both {score['both_acc']:.1%}")
+    if score["colour_consistency"] is not None:
+        print(f"  colour consistency (frames whose object has the clip's colour) {score['colour_consistency']:.1%}")
     for r in score["per_prompt"]:
         mark = ("C" if r["colour_ok"] else "-") + ("D" if r["direction_ok"] else "-")
         print(
@@ -249,6 +251,7 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
         "colour_acc": score["colour_acc"],
         "direction_acc": score["direction_acc"],
         "both_acc": score["both_acc"],
+        "colour_consistency": score["colour_consistency"],
         "per_prompt": [
             {k: r[k] for k in ("prompt", "colour", "direction", "colour_ok", "direction_ok")} for r in score["per_prompt"]
         ],
@@ -306,6 +309,11 @@ def figures_markdown(record: dict) -> str:
                 f"Sampled with a {base}² timestep-transform base instead of the trained {trained}²: colour "
                 f"{s['colour_acc']:.0%}, direction {s['direction_acc']:.0%}."
             )
+    if m.get("colour_consistency") is not None:
+        lines.append(
+            f"Colour consistency (share of the frames whose object has the clip's own colour, mean over the "
+            f"prompts; 100 % on the training clips): {m['colour_consistency']:.0%}."
+        )
     if m.get("by_seed"):
         per = m["by_seed"]
         mean_c = sum(r["colour_acc"] for r in per) / len(per)
