@@ -186,13 +186,16 @@ def measure_motion(mask: np.ndarray) -> dict:
     return out
 
 
-def measure_colour(frames: np.ndarray, dist: np.ndarray, mask: np.ndarray) -> str | None:
-    core = dist > CORE_DISTANCE
-    if core.sum() < 4:
-        core = mask
-    if core.sum() < 4:
+def _named_colour(frames: np.ndarray, core: np.ndarray, mask: np.ndarray) -> str | None:
+    """Name of the median colour of the clearly-inside pixels (the object mask if too few)."""
+    pixels = core if core.sum() >= 4 else mask
+    if pixels.sum() < 4:
         return None
-    return name_colour(np.median(frames[core].astype(np.float32), axis=0))
+    return name_colour(np.median(frames[pixels].astype(np.float32), axis=0))
+
+
+def measure_colour(frames: np.ndarray, dist: np.ndarray, mask: np.ndarray) -> str | None:
+    return _named_colour(frames, dist > CORE_DISTANCE, mask)
 
 
 def colour_consistency(frames: np.ndarray, dist: np.ndarray, mask: np.ndarray, colour: str | None) -> float | None:
@@ -204,11 +207,7 @@ def colour_consistency(frames: np.ndarray, dist: np.ndarray, mask: np.ndarray, c
     if colour is None:
         return None
     core = dist > CORE_DISTANCE
-    named = []
-    for f in range(frames.shape[0]):
-        pixels = core[f] if core[f].sum() >= 4 else mask[f]
-        if pixels.sum() >= 4:
-            named.append(name_colour(np.median(frames[f][pixels].astype(np.float32), axis=0)))
+    named = [n for f in range(frames.shape[0]) if (n := _named_colour(frames[f], core[f], mask[f])) is not None]
     return sum(n == colour for n in named) / len(named) if named else None
 
 

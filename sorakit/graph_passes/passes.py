@@ -324,8 +324,11 @@ class _PrecisionPass(GraphPass):
             raise SorakitError(f"the bundle already carries {other!r}; fp16 and int8 do not combine")
 
     def targets(self, manifest):
+        # the transformer's prologue and epilogue stay fp32 under every lossy precision: they are
+        # tiny; fp16 loses the phase of the timestep and position sinusoids (arguments up to
+        # ~1000), and int8 rounding of the final projection lands directly on the velocity
         comps = self._settings.get("components") or self.components
-        return [(c, g) for c, g in _all(manifest) if c in comps]
+        return [(c, g) for c, g in _all(manifest) if c in comps and g.role not in ("prologue", "epilogue")]
 
     def convert(self, ws: Workspace, e: GraphEntry) -> onnx.ModelProto:
         raise NotImplementedError
@@ -396,11 +399,6 @@ class FP16Pass(_PrecisionPass):
     components = ("transformer", "vae")
     tag = "fp16"
 
-    def targets(self, manifest):
-        # the transformer's prologue and epilogue stay fp32: they are tiny, and the timestep and
-        # position sinusoids (arguments up to ~1000) lose their phase in fp16
-        return [(c, g) for c, g in super().targets(manifest) if g.role not in ("prologue", "epilogue")]
-
     def convert(self, ws, e):
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -419,11 +417,6 @@ class Int8Pass(_PrecisionPass):
     lossy = True
     components = ("transformer", "text_encoder")
     tag = "int8"
-
-    def targets(self, manifest):
-        # the transformer's prologue and epilogue stay fp32: they hold a few per cent of the
-        # weights, and the final projection's rounding lands directly on the velocity
-        return [(c, g) for c, g in super().targets(manifest) if g.role not in ("prologue", "epilogue")]
 
     def convert(self, ws, e):
         import tempfile
