@@ -14,6 +14,13 @@ video and its prompt it answers two questions a person watching the clip would a
   ``MIN_DISPLACEMENT`` pixels, the other axis moves at most half as much, and the line
   explains most of the motion (R^2 >= ``MIN_LINEARITY``), so jittering or jumping blobs fail.
 
+Both scores look at the clip as a whole, so they tolerate defects a viewer notices. Three
+steadiness measures (reported, not part of the pass/fail) count them frame by frame:
+``colour_consistency`` (frames whose object has the clip's colour), ``background_consistency``
+(frames whose background has the clip's background colour) and ``single_object`` (frames that
+show exactly one object rather than a doubled one). ``background_ok`` says whether the
+background is the one the prompt names, when it names one.
+
 The vocabulary of the domain (colours, shapes, directions, backgrounds and their synonyms)
 lives here rather than in ``sorakit.train.data`` so that this module stays free of torch
 and the data generator can share it.
@@ -211,6 +218,47 @@ def colour_consistency(frames: np.ndarray, dist: np.ndarray, mask: np.ndarray, c
     return sum(n == colour for n in named) / len(named) if named else None
 
 
+def blob_counts(mask: np.ndarray) -> np.ndarray:
+    """Per frame, the number of separate objects: 4-connected parts of the object mask [F,H,W]
+    with at least the minimum object area (specks and edge noise do not count)."""
+    F, H, W = mask.shape
+    min_area = max(4, int(MIN_AREA_FRACTION * H * W))
+    ids = np.arange(1, H * W + 1, dtype=np.int64).reshape(1, H, W)
+    labels = np.where(mask, ids, 0)
+    while True:  # every pixel takes the largest label among its object neighbours until nothing changes
+        pad = np.pad(labels, ((0, 0), (1, 1), (1, 1)))
+        grown = np.maximum.reduce(
+            [labels, pad[:, :-2, 1:-1], pad[:, 2:, 1:-1], pad[:, 1:-1, :-2], pad[:, 1:-1, 2:]]
+        )
+        grown = np.where(mask, grown, 0)
+        if np.array_equal(grown, labels):
+            break
+        labels = grown
+    counts = np.zeros(F, dtype=np.int64)
+    for f in range(F):
+        _, sizes = np.unique(labels[f][labels[f] > 0], return_counts=True)
+        counts[f] = int((sizes >= min_area).sum())
+    return counts
+
+
+def single_object_share(mask: np.ndarray) -> float | None:
+    """Share of the frames showing an object that show exactly one (None: no object anywhere)."""
+    counts = blob_counts(mask)
+    shown = counts[counts > 0]
+    return float((shown == 1).mean()) if len(shown) else None
+
+
+def measure_background(frames: np.ndarray) -> tuple[str, float]:
+    """(the clip's background colour name, share of the frames whose own background has it).
+
+    Named over the palette, neutrals included; a background that turns from grey to white
+    halfway through keeps its median name but loses steadiness.
+    """
+    per_frame = background_colours(frames)
+    clip = name_colour(np.median(per_frame, axis=0))
+    return clip, float(np.mean([name_colour(c) == clip for c in per_frame]))
+
+
 def score_video(frames: np.ndarray, prompt: str) -> dict:
     """Score one video [F,H,W,3] uint8 against its prompt.
 
@@ -225,6 +273,8 @@ def score_video(frames: np.ndarray, prompt: str) -> dict:
     colour = measure_colour(frames, dist, mask)
     motion = measure_motion(mask)
     consistency = colour_consistency(frames, dist, mask, colour)
+    background, background_steady = measure_background(frames)
+    single = single_object_share(mask)
     return {
         "prompt": prompt,
         "want_colour": intent.colour,
@@ -237,6 +287,10 @@ def score_video(frames: np.ndarray, prompt: str) -> dict:
         "linearity": round(float(motion["linearity"]), 3),
         "tracked": round(float(motion["tracked"]), 3),
         "colour_consistency": consistency if consistency is None else round(consistency, 3),
+        "background": background,
+        "background_ok": None if intent.background is None else background == intent.background,
+        "background_consistency": round(background_steady, 3),
+        "single_object": single if single is None else round(single, 3),
     }
 
 
@@ -246,12 +300,19 @@ def score_set(videos: Sequence[np.ndarray] | np.ndarray, prompts: Sequence[str])
         raise ValueError(f"{len(videos)} videos for {len(prompts)} prompts")
     per = [score_video(v, p) for v, p in zip(videos, prompts)]
     n = max(len(per), 1)
+
+    def mean_of(key: str) -> float | None:  # over the prompts where the measure applies
+        vals = [float(r[key]) for r in per if r[key] is not None]
+        return float(np.mean(vals)) if vals else None
+
     return {
         "colour_acc": sum(r["colour_ok"] for r in per) / n,
         "direction_acc": sum(r["direction_ok"] for r in per) / n,
         "both_acc": sum(r["colour_ok"] and r["direction_ok"] for r in per) / n,
-        "colour_consistency": float(np.mean(steady)) if (steady := [
-            r["colour_consistency"] for r in per if r["colour_consistency"] is not None]) else None,
+        "colour_consistency": mean_of("colour_consistency"),
+        "background_acc": mean_of("background_ok"),
+        "background_consistency": mean_of("background_consistency"),
+        "single_object": mean_of("single_object"),
         "n": len(per),
         "per_prompt": per,
     }

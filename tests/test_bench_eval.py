@@ -117,3 +117,21 @@ def test_variant_bundles_are_reused_only_for_the_same_source(tiny_bundle, tmp_pa
     (other / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))  # another model's manifest
     second = variant_bundle(other, work, ["prune"])
     assert second != first and (second / "manifest.json").is_file()
+
+
+def test_eval_markdown_shows_adherence_and_steadiness():
+    """The adherence table carries the steadiness measures scored on real frames."""
+    from sorakit.adherence import score_set
+    from sorakit.evaluation.report import eval_markdown
+    from sorakit.train.data import make_dataset
+
+    videos, captions, _ = make_dataset(8, seed=3)
+    broken = videos.copy()
+    broken[:, 9:] = broken[:, 9:, :, ::-1]  # mirrored halfway: a jump, and a doubled/moved object mid-clip
+    res = {"preset": "shapes", "prompts": captions, "seeds": [0], "steps": 30, "cfg": 7.0, "rows": {},
+           "velocity_cosine": [], "adherence": {"truth": score_set(videos, captions),
+                                                "broken": score_set(broken, captions)}}
+    md = eval_markdown(res, "sorakit eval")
+    assert "| truth | 100% | 100% | 100% | 100% | 100% | 100% |" in md
+    broken_row = next(line for line in md.splitlines() if line.startswith("| broken |"))
+    assert broken_row != "| broken | 100% | 100% | 100% | 100% | 100% | 100% |"

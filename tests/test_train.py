@@ -49,6 +49,43 @@ def test_adherence_is_perfect_on_ground_truth_clips():
     s = score_set(videos, captions)
     assert s["colour_acc"] == 1.0 and s["direction_acc"] == 1.0
     assert s["colour_consistency"] == 1.0
+    assert s["background_acc"] == 1.0 and s["background_consistency"] == 1.0 and s["single_object"] == 1.0
+
+
+def test_steadiness_sees_a_switched_background_and_a_doubled_object():
+    """Background switching for a few frames and a second copy of the object are counted per frame."""
+    videos, captions, _ = make_dataset(6, seed=6)
+    for video, caption in zip(videos, captions):
+        bg = np.median(video.reshape(len(video), -1, 3), axis=1)
+        obj = np.abs(video.astype(int) - bg[:, None, None]).max(axis=-1) > 60
+        other = (245, 245, 245) if bg[0].mean() < 200 else (10, 10, 10)
+        switched = video.copy()
+        for f in range(12, 17):  # the last 5 of 17 frames change background, the object stays
+            switched[f][~obj[f]] = other
+        r = score_video(switched, caption)
+        assert r["background_consistency"] == pytest.approx(12 / 17, abs=0.01), (caption, r)
+        assert r["colour_ok"] and r["direction_ok"] and r["single_object"] == 1.0, (caption, r)
+
+        doubled = video.copy()
+        for f in range(0, 17, 2):  # every other frame gets a second copy, moved a third of the frame
+            ys, xs = np.nonzero(obj[f])
+            dy = 22 if ys.mean() < 32 else -22
+            dx = 22 if xs.mean() < 32 else -22
+            doubled[f, ys + dy, xs + dx] = video[f, ys, xs]
+        r = score_video(doubled, caption)
+        assert r["single_object"] == pytest.approx(8 / 17, abs=0.01), (caption, r)
+        assert r["background_consistency"] == 1.0, (caption, r)
+
+
+def test_background_named_by_the_prompt_is_checked():
+    videos, captions, attrs = make_dataset(24, seed=7)
+    wrong = {"black": "white", "gray": "black", "white": "gray"}
+    for video, a in zip(videos, attrs):
+        right = f"a {a['colour']} {a['shape']} moving {a['direction']} on a {a['background']} background"
+        assert score_video(video, right)["background_ok"] is True
+        r = score_video(video, f"a {a['colour']} {a['shape']} moving {a['direction']} on a {wrong[a['background']]} background")
+        assert r["background_ok"] is False and r["colour_ok"] and r["direction_ok"]
+        assert score_video(video, f"a {a['colour']} {a['shape']} moving {a['direction']}")["background_ok"] is None
 
 
 def test_colour_consistency_sees_frames_of_another_colour():

@@ -71,9 +71,14 @@ def eval_markdown(res: dict[str, Any], command: str) -> str:
                      f"{r['flicker']:.2f} | {r['transformer_calls']} | {_f(r['transformer_speedup'])}x |")
     if res.get("adherence"):
         lines += ["", "**Adherence** (24 evaluation prompts, colour and direction judged from the frames)", "",
-                  "| setting | colour correct | direction correct | both |", "|---|---:|---:|---:|"]
+                  "| setting | colour correct | direction correct | both | colour steady | background steady "
+                  "| one object |", "|---|---:|---:|---:|---:|---:|---:|"]
         for name, a in res["adherence"].items():
-            lines.append(f"| {name} | {a['colour_acc']:.0%} | {a['direction_acc']:.0%} | {a['both_acc']:.0%} |")
+            steady = " | ".join(_f(a.get(k), "{:.0%}") for k in ("colour_consistency", "background_consistency",
+                                                                   "single_object"))
+            lines.append(f"| {name} | {a['colour_acc']:.0%} | {a['direction_acc']:.0%} | {a['both_acc']:.0%} | {steady} |")
+        lines += ["", "Steady: share of frames whose object (background) has the clip's own colour; one object: "
+                  "share of frames showing exactly one object (each is 100 % on the training clips)."]
     cos = [c for c in res["velocity_cosine"] if c is not None]
     if cos:
         lines += ["", f"Cosine of consecutive CFG velocities: step 1 {cos[0]:.3f}, middle {cos[len(cos) // 2]:.3f}, "

@@ -225,6 +225,15 @@ def check_same_encoder(a: Path, b: Path) -> None:
             raise ValueError(f"{b}: {key} differs from the run's VAE; only decoder weights may change")
 
 
+# measures the pass/fail score does not include: (key in score_set's result, what it counts)
+STEADINESS = (
+    ("colour_consistency", "colour consistency (frames whose object has the clip's own colour)"),
+    ("background_acc", "background as the prompt names it (prompts that name one)"),
+    ("background_consistency", "background consistency (frames whose background has the clip's colour)"),
+    ("single_object", "single object (frames showing exactly one object)"),
+)
+
+
 def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False, seeds: int = 1) -> dict:
     """Adherence, velocity cosines, text sensitivity (and diagnostics, figures) of a model directory.
 
@@ -237,8 +246,9 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
     score, videos = adherence(models)
     print(f"adherence on {score['n']} prompts (30 steps, CFG 7, seed 0):")
     print(f"  colour {score['colour_acc']:.1%}  direction {score['direction_acc']:.1%}  both {score['both_acc']:.1%}")
-    if score["colour_consistency"] is not None:
-        print(f"  colour consistency (frames whose object has the clip's colour) {score['colour_consistency']:.1%}")
+    for key, what in STEADINESS:
+        if score[key] is not None:
+            print(f"  {what} {score[key]:.1%}")
     for r in score["per_prompt"]:
         mark = ("C" if r["colour_ok"] else "-") + ("D" if r["direction_ok"] else "-")
         print(
@@ -251,7 +261,7 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
         "colour_acc": score["colour_acc"],
         "direction_acc": score["direction_acc"],
         "both_acc": score["both_acc"],
-        "colour_consistency": score["colour_consistency"],
+        **{key: score[key] for key, _ in STEADINESS},
         "per_prompt": [
             {k: r[k] for k in ("prompt", "colour", "direction", "colour_ok", "direction_ok")} for r in score["per_prompt"]
         ],
@@ -309,10 +319,10 @@ def figures_markdown(record: dict) -> str:
                 f"Sampled with a {base}² timestep-transform base instead of the trained {trained}²: colour "
                 f"{s['colour_acc']:.0%}, direction {s['direction_acc']:.0%}."
             )
-    if m.get("colour_consistency") is not None:
+    steady = [f"{what} {m[key]:.0%}" for key, what in STEADINESS if m.get(key) is not None]
+    if steady:
         lines.append(
-            f"Colour consistency (share of the frames whose object has the clip's own colour, mean over the "
-            f"prompts; 100 % on the training clips): {m['colour_consistency']:.0%}."
+            "Steadiness, mean over the prompts (each is 100 % on the training clips): " + "; ".join(steady) + "."
         )
     if m.get("by_seed"):
         per = m["by_seed"]
