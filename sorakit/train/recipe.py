@@ -98,13 +98,13 @@ class RecipeConfig:
     text_lr: float = 2e-3
     freeze_text: bool = True  # keep the pre-trained T5 fixed while the DiT trains (Open-Sora's T5 is frozen too)
     # DiT + T5
-    dit_steps: int = 3200
+    dit_steps: int = 6400
     dit_batch: int = 24
     dit_lr: float = 8e-4
     dit_warmup: int = 200
     dit_decay_from: float = 0.6  # cosine decay to 10 % over the last 40 % of the steps
     latent_object_weight: float = 8.0  # extra DiT loss weight on latent cells the object passes through
-    ema_decay: float = 0.998
+    ema_decay: float = 0.999
     caption_dropout: float = 0.1
     grad_clip: float = 1.0
     # evaluation
