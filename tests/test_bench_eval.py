@@ -51,7 +51,7 @@ def _cli(*args, timeout=900):
 def test_bench_on_the_small_preset(tiny_bundle, tmp_path):
     out = tmp_path / "bench"
     res = _cli("bench", "--bundle", str(tiny_bundle[0]), "--out", str(out), "--steps", "4",
-               "--work", str(tmp_path / "work"))
+               "--work", str(tmp_path / "work"), "--rounds", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((out / "bench.json").read_text())
     rows = data["rows"]
@@ -63,11 +63,14 @@ def test_bench_on_the_small_preset(tiny_bundle, tmp_path):
     for r in rows.values():
         assert r["seconds"]["total"] > 0 and r["peak_rss_bytes"] > 0 and 0 <= r["ssim_vs_ort_fp32"] <= 1.0001
         assert r["speedup_vs_torch"] > 0
+        assert len(r["rounds_total_s"]) == 2 and r["seconds"]["total"] == min(r["rounds_total_s"])  # fastest kept
     assert rows["+CI-DL"]["ssim_vs_ort_fp32"] == pytest.approx(1.0)  # streaming changes nothing numerically
     md = (out / "bench.md").read_text()
     assert md.count("\n| ") >= 14 and "Table 5" in md and "Command: `sorakit bench" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert data["machine"]["cores"] >= 1
+    bad = _cli("bench", "--bundle", str(tiny_bundle[0]), "--out", str(tmp_path / "bad"), "--rounds", "0")
+    assert bad.returncode != 0 and "--rounds" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_eval_on_the_small_preset(tiny_bundle, tmp_path):
@@ -77,7 +80,8 @@ def test_eval_on_the_small_preset(tiny_bundle, tmp_path):
                "--repeats", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((out / "eval.json").read_text())
-    assert data["timing_repeats"] == 2 and "fastest of 2 identical runs" in (out / "eval.md").read_text()
+    assert data["timing_repeats"] == 2 and "fastest of 2 runs, taken in rounds" in (out / "eval.md").read_text()
+    assert data["rows"]["reference"]["transformer_speedup"] == 1.0
     rows = data["rows"]
     assert set(rows) == {"reference", "lpl 2", "lpl dynamic", "tdtm 2", "int8"}
     assert rows["reference"]["ssim"] == pytest.approx(1.0)

@@ -44,6 +44,7 @@ def bench(
     torch_row: Annotated[bool, typer.Option("--torch/--no-torch", help="Include the PyTorch eager baseline")] = True,
     prompt: Annotated[str, typer.Option(help="Prompt of every row")] = "a red circle moving right on a black background",
     work: Annotated[Path | None, typer.Option(help="Keep the optimised variant bundles here (reused next time)")] = None,
+    rounds: Annotated[int, typer.Option(help="Run every row this many times, in rounds; each keeps its fastest")] = 3,
 ) -> None:
     """Latency per component and the LPL/TDTM/CI-DL/int8 ablation, as ratios from one run."""
     from sorakit.evaluation.bench import BenchSettings, run_bench
@@ -53,7 +54,9 @@ def bench(
     spec = _torch_spec(bundle) if torch_row else None
     if torch_row and spec is None:
         err_console.print("note: no torch row (the bundle's weights cannot be rebuilt in torch)")
-    settings = BenchSettings(prompt=prompt, steps=steps, threads=threads, torch_spec=spec)
+    if rounds < 1:
+        raise SorakitError(f"--rounds must be at least 1, got {rounds}")
+    settings = BenchSettings(prompt=prompt, steps=steps, threads=threads, torch_spec=spec, rounds=rounds)
     res = run_bench(bundle, settings, work, progress=lambda s: err_console.print(f"[dim]{s}[/]"))
     cmd = "sorakit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = bench_markdown(res, cmd)

@@ -39,7 +39,8 @@ def bench_markdown(res: dict[str, Any], command: str) -> str:
     rows = res["rows"]
     lines = [f"Command: `{command}`", "", f"Model: {res['preset']}, {res['geometry']['height']}x{res['geometry']['width']}, "
              f"{res['geometry']['num_frames']} frames, {res['settings']['steps']} steps; prompt "
-             f"\"{res['settings']['prompt']}\".", ""]
+             f"\"{res['settings']['prompt']}\". Every row ran {res['settings'].get('rounds', 1)} times in rounds (a fresh "
+             "process each time, every row once per round); times are its fastest round, peak RSS its largest.", ""]
     lines += ["**Latency per component (Table 1 style), seconds**", "",
               "| row | text encoder | transformer per call | transformer calls | transformer total | VAE decoder | total |",
               "|---|---:|---:|---:|---:|---:|---:|"]
@@ -63,7 +64,7 @@ def eval_markdown(res: dict[str, Any], command: str) -> str:
     lines = [f"Command: `{command}`", "",
              f"Model: {res['preset']}; {len(res['prompts'])} prompts x {len(res['seeds'])} seeds, {res['steps']} steps, "
              f"CFG {res['cfg']}. Every row is compared with the full-step fp32 video of the same prompt and seed; "
-             f"transformer time is the fastest of {res.get('timing_repeats', 1)} identical runs.", "",
+             f"transformer time is the fastest of {res.get('timing_repeats', 1)} runs, taken in rounds that run every setting once.", "",
              "| setting | SSIM | min SSIM | PSNR dB | flicker | transformer calls | transformer speed-up |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"].values():
