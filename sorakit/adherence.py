@@ -340,5 +340,12 @@ EVAL_PROMPTS: tuple[str, ...] = tuple(_eval_prompts())
 EVAL_SEED = 0  # the 24 prompts are generated as one batch from this seed
 EVAL_STEPS = 30
 EVAL_CFG = 7.0
+# the measures score_set reports beside the pass/fail score: (its key, what it counts)
+STEADINESS = (
+    ("colour_consistency", "colour consistency (frames whose object has the clip's own colour)"),
+    ("background_acc", "background as the prompt names it (prompts that name one)"),
+    ("background_consistency", "background consistency (frames whose background has the clip's colour)"),
+    ("single_object", "single object (frames showing exactly one object)"),
+)
 TARGET_COLOUR_ACC = 0.85
 TARGET_DIRECTION_ACC = 0.75

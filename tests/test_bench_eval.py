@@ -136,6 +136,9 @@ def test_eval_markdown_shows_adherence_and_steadiness():
            "velocity_cosine": [], "adherence": {"truth": score_set(videos, captions),
                                                 "broken": score_set(broken, captions)}}
     md = eval_markdown(res, "sorakit eval")
-    assert "| truth | 100% | 100% | 100% | 100% | 100% | 100% |" in md
-    broken_row = next(line for line in md.splitlines() if line.startswith("| broken |"))
-    assert broken_row != "| broken | 100% | 100% | 100% | 100% | 100% | 100% |"
+    keys = ("colour_acc", "direction_acc", "both_acc", "colour_consistency", "background_acc",
+            "background_consistency", "single_object")
+    for name, s in res["adherence"].items():
+        row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+        assert row == f"| {name} | " + " | ".join(f"{s[k]:.0%}" for k in keys) + " |"
+    assert res["adherence"]["truth"]["single_object"] == 1.0 > res["adherence"]["broken"]["direction_acc"]

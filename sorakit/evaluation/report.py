@@ -7,6 +7,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from sorakit.adherence import STEADINESS
+
 
 def machine() -> dict[str, Any]:
     import os
@@ -72,14 +74,14 @@ def eval_markdown(res: dict[str, Any], command: str) -> str:
                      f"{r['flicker']:.2f} | {r['transformer_calls']} | {_f(r['transformer_speedup'])}x |")
     if res.get("adherence"):
         lines += ["", "**Adherence** (24 evaluation prompts, colour and direction judged from the frames)", "",
-                  "| setting | colour correct | direction correct | both | colour steady | background steady "
-                  "| one object |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| setting | colour correct | direction correct | both | "
+                  + " | ".join(what.split(" (")[0] for _, what in STEADINESS) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(STEADINESS)]
         for name, a in res["adherence"].items():
-            steady = " | ".join(_f(a.get(k), "{:.0%}") for k in ("colour_consistency", "background_consistency",
-                                                                   "single_object"))
+            steady = " | ".join(_f(a.get(key), "{:.0%}") for key, _ in STEADINESS)
             lines.append(f"| {name} | {a['colour_acc']:.0%} | {a['direction_acc']:.0%} | {a['both_acc']:.0%} | {steady} |")
-        lines += ["", "Steady: share of frames whose object (background) has the clip's own colour; one object: "
-                  "share of frames showing exactly one object (each is 100 % on the training clips)."]
+        lines += ["", "Beside the score, each 100 % on the training clips: "
+                  + "; ".join(what for _, what in STEADINESS) + "."]
     cos = [c for c in res["velocity_cosine"] if c is not None]
     if cos:
         lines += ["", f"Cosine of consecutive CFG velocities: step 1 {cos[0]:.3f}, middle {cos[len(cos) // 2]:.3f}, "

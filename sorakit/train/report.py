@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sorakit.adherence import EVAL_CFG, EVAL_PROMPTS, EVAL_SEED, EVAL_STEPS, score_set
+from sorakit.adherence import EVAL_CFG, EVAL_PROMPTS, EVAL_SEED, EVAL_STEPS, STEADINESS, score_set
 from sorakit.export.models import TorchModels
 from sorakit.export.reference import ReferencePipeline
 from sorakit.presets import shapes_preset
@@ -223,15 +223,6 @@ def check_same_encoder(a: Path, b: Path) -> None:
             continue
         if key not in wb or wa[key].shape != wb[key].shape or not np.array_equal(wa[key], wb[key]):
             raise ValueError(f"{b}: {key} differs from the run's VAE; only decoder weights may change")
-
-
-# measures the pass/fail score does not include: (key in score_set's result, what it counts)
-STEADINESS = (
-    ("colour_consistency", "colour consistency (frames whose object has the clip's own colour)"),
-    ("background_acc", "background as the prompt names it (prompts that name one)"),
-    ("background_consistency", "background consistency (frames whose background has the clip's colour)"),
-    ("single_object", "single object (frames showing exactly one object)"),
-)
 
 
 def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False, seeds: int = 1) -> dict:
