@@ -135,6 +135,15 @@ class SamplerConfig:
     transform_base_num_frames: int = 1
     transform_scale: float = 1.0
     fps: int = 24
+    # guidance interval: CFG is applied at steps whose (transformed) timestep is <= this; above
+    # it the prompt's velocity is used alone. None: every step (Open-Sora 1.2's sampler).
+    guidance_max_t: float | None = None
+
+    def guidance_at(self, t: float, cfg_scale: float) -> float:
+        """The CFG scale used at timestep t (1.0 = the prompt's velocity alone)."""
+        if self.guidance_max_t is not None and float(t) > self.guidance_max_t:
+            return 1.0
+        return float(cfg_scale)
 
 
 @dataclass(frozen=True)
@@ -295,7 +304,8 @@ def shapes_preset() -> ModelPreset:
             scale=(0.9393, 0.9839, 0.9045, 0.8817, 0.9644, 0.9429, 0.9857, 0.9624),
         ),
         t5=T5Config(vocab_size=512, d_model=128, d_kv=32, d_ff=256, num_layers=3, num_heads=4, max_length=24),
-        sampler=SamplerConfig(transform_base_resolution=64 * 64),
+        # guidance interval: CFG 7 only at t <= 700, the last 15 of 30 steps (docs/training.md, "Guidance at high noise")
+        sampler=SamplerConfig(transform_base_resolution=64 * 64, guidance_max_t=700.0),
         resolution=(64, 64),
         num_frames=17,
     )

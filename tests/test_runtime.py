@@ -59,6 +59,30 @@ def test_matches_torch_reference(tiny_bundle, tiny_models):
     assert got.frames.std() > 1  # not blank
 
 
+def test_guidance_interval_matches_torch_reference(tiny_bundle, tiny_models):
+    """cfg_max_t: CFG only at t <= it, the same in the runtime and in the torch reference."""
+    import dataclasses
+
+    from sorakit.export.reference import ReferencePipeline
+
+    pipe = Pipeline.from_bundle(tiny_bundle[0])
+    prompt = "a green diamond moving left"
+    full = pipe(prompt, seed=3, steps=6, cfg=7.0)
+    ts = full.sampling.timesteps
+    max_t = (ts[1] + ts[2]) / 2  # the first two steps unguided
+    got = pipe(prompt, seed=3, steps=6, cfg=7.0, cfg_max_t=max_t)
+    assert full.sampling.cfg_scales == [7.0] * 6
+    assert got.sampling.cfg_scales == [1.0, 1.0] + [7.0] * 4
+    assert np.abs(got.latents - full.latents).max() > 1e-2
+    preset = tiny_models.preset
+    preset = dataclasses.replace(preset, sampler=dataclasses.replace(preset.sampler, guidance_max_t=max_t))
+    ref = ReferencePipeline(dataclasses.replace(tiny_models, preset=preset))(prompt, seed=3, steps=6, cfg_scale=7.0)
+    assert np.abs(got.latents - ref.latents).max() < 1e-3
+    assert np.abs(got.frames.astype(int) - ref.video[0].astype(int)).max() <= 1
+    with pytest.raises(SorakitError, match="cfg_max_t must be a positive timestep"):
+        pipe(prompt, steps=2, cfg_max_t=0)
+
+
 def test_deterministic_and_seeded(tiny_bundle):
     pipe = Pipeline.from_bundle(tiny_bundle[0])
     a = pipe("a red circle", seed=1, steps=3)

@@ -72,3 +72,61 @@ def test_toy_trajectory_torch_and_numpy():
     z_np, report = np_sample(toy_np, d["z0"], ts, 7.0)
     assert report.model_calls == 30
     assert np.abs(z_np - d["z_final"]).max() <= 1e-4
+
+
+def guided_toy_np(z_in, t, step, active):
+    """Prompt half and null half give different velocities, so the CFG scale shows in the result."""
+    k = len(z_in) // 2
+    v = 0.5 * z_in + (t / 1000)[:, None, None, None, None]
+    v[k:] *= np.float32(0.25)
+    return v
+
+
+def guided_toy_torch(z_in, t):
+    return torch.from_numpy(guided_toy_np(z_in.numpy(), t.numpy(), 0, None))
+
+
+@pytest.mark.parametrize("max_t", [800.0, 950.0])
+def test_guidance_interval(max_t):
+    """CFG only at t <= max_t; above it the prompt's velocity alone, in both samplers."""
+    rng = np.random.default_rng(4)
+    z0 = rng.standard_normal((2, 2, 3, 2, 2)).astype(np.float32)
+    cfg = SamplerConfig(transform_base_resolution=64 * 64, guidance_max_t=max_t)
+    ts = timestep_schedule(cfg, 30, 64, 64, z0.shape[2])
+    # an independent Euler loop with the scale chosen per step
+    z = z0.copy()
+    for i, t in enumerate(ts):
+        out = guided_toy_np(np.concatenate([z, z]), np.full(4, t, np.float32), i, None)
+        s = 1.0 if t > max_t else 7.0
+        v = out[2:] + np.float32(s) * (out[:2] - out[2:])
+        z = z + v * ((ts[i] - ts[i + 1]) if i < 29 else ts[i]) / np.float32(1000)
+    got, report = np_sample(guided_toy_np, z0, ts, 7.0, guidance_max_t=max_t)
+    assert np.abs(got - z).max() <= 1e-5
+    unguided = int((ts > max_t).sum())
+    assert 0 < unguided < 30
+    assert report.cfg_scales == [1.0] * unguided + [7.0] * (30 - unguided)
+    full, full_report = np_sample(guided_toy_np, z0, ts, 7.0)
+    assert full_report.cfg_scales == [7.0] * 30
+    assert np.abs(full - got).max() > 1e-2  # the interval changes the result
+    at_1000, _ = np_sample(guided_toy_np, z0, ts, 7.0, guidance_max_t=1000.0)
+    assert np.array_equal(at_1000, full)  # 1000 = every step, as without an interval
+
+    ref = torch_sample(guided_toy_torch, torch.from_numpy(z0), height=64, width=64,
+                       cfg=cfg)
+    assert np.abs(ref.numpy() - got).max() <= 1e-4
+
+
+def test_dynamic_lpl_restarts_its_watch_at_the_guidance_switch():
+    """The cosine across the edge of the guidance interval compares two kinds of velocity: the
+    dynamic leap must not count it, and starts counting again from the first guided step."""
+    from sorakit.runtime.sampler import LPL
+
+    z0 = np.random.default_rng(5).standard_normal((1, 2, 3, 2, 2)).astype(np.float32)
+    ts = timestep_schedule(SamplerConfig(), 30, 64, 64, 3)
+    lpl = LPL("dynamic", start=2, tolerance=1.0, patience=3)  # tolerance 1: nothing after the first check improves
+    _, plain = np_sample(guided_toy_np, z0, ts, 7.0, lpl)
+    assert plain.leap_step == [2 + 3]
+    switch = 4
+    _, report = np_sample(guided_toy_np, z0, ts, 7.0, lpl, guidance_max_t=float(ts[switch - 1] + ts[switch]) / 2)
+    assert report.cfg_scales[switch - 1 : switch + 1] == [1.0, 7.0]
+    assert report.leap_step == [switch + 1 + 3]

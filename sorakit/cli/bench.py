@@ -79,6 +79,7 @@ def evaluate(
                                                    help="Score the 24 adherence prompts (default: on for the shipped model)")] = None,
     work: Annotated[Path | None, typer.Option(help="Keep the optimised variant bundles here")] = None,
     repeats: Annotated[int, typer.Option(help="Time each setting this many times and keep the fastest")] = 3,
+    cfg_max_t: Annotated[float | None, typer.Option(help="Guidance interval of every run: CFG only at timesteps <= T (default: the bundle's; 1000 = every step)")] = None,
 ) -> None:
     """SSIM/PSNR of LPL, TDTM, fp16 and int8 against the full-step fp32 output; adherence; Figure 5."""
     from sorakit.evaluation.quality import EvalSettings, run_eval
@@ -103,8 +104,11 @@ def evaluate(
     if bad:
         raise SorakitError(f"unknown precision {bad[0]!r}; use fp16 and/or int8")
     s.adherence = is_default if adherence is None else adherence
-    s.adherence_rows = [r for r in s.adherence_rows if r == "reference" or r.split()[0] in ("lpl", "tdtm") or
-                        r in s.precisions]
+    s.adherence_rows = [r for r in s.adherence_rows if r in ("reference", "cfg every step") or
+                        r.split()[0] in ("lpl", "tdtm") or r in s.precisions]
+    if cfg_max_t is not None and not cfg_max_t > 0:
+        raise SorakitError(f"--cfg-max-t must be a positive timestep (1000 = guidance at every step), got {cfg_max_t}")
+    s.cfg_max_t = cfg_max_t
     res = run_eval(bundle, s, work, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     cmd = "sorakit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = eval_markdown(res, cmd)

@@ -2,12 +2,14 @@
 
 sorakit ships a small trained model (``sorakit/assets/shapes``: safetensors and tokenizer).
 On first use it is exported to a bundle in the cache directory, keyed by a hash of the
-shipped files, and reused afterwards. Exporting needs torch (the ``export`` extra).
+shipped files, the preset (its sampler defaults go into the bundle's manifest) and the sorakit
+version, and reused afterwards. Exporting needs torch (the ``export`` extra).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +30,11 @@ def shipped_model_available() -> bool:
 
 
 def _key() -> str:
+    from sorakit.presets import get_preset
+
     h = hashlib.sha256(sorakit.__version__.encode())
     if shipped_model_available():
+        h.update(json.dumps(get_preset("shapes").to_dict(), sort_keys=True).encode())
         for f in SHIPPED_FILES:
             h.update(hashlib.sha256((SHIPPED / f).read_bytes()).digest())
         return "shapes-" + h.hexdigest()[:16]

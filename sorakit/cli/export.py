@@ -113,7 +113,9 @@ def inspect(
     shape = "static" if m.static else "dynamic"
     console.print(f"geometry: {shape}, {g['height']}x{g['width']} px, {g['num_frames']} frames, latent {g['latent']}")
     s = m.sampler
-    console.print(f"sampler: {s['num_steps']} steps, CFG {s['cfg_scale']}, timestep transform "
+    interval = s.get("guidance_max_t")
+    guidance = f" at t <= {interval:g} (guidance interval)" if interval is not None else ""
+    console.print(f"sampler: {s['num_steps']} steps, CFG {s['cfg_scale']}{guidance}, timestep transform "
                   f"{'on' if s['use_timestep_transform'] else 'off'}")
     e = m.export
     console.print(f"export: opset {e['opset']}, {e['exporter']}, granularity {e['granularity']}; tools "

@@ -18,6 +18,7 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output video (.mp4 or .gif)")] = Path("video.mp4"),
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the bundle's, 30)")] = None,
     cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (default: the bundle's, 7.0)")] = None,
+    cfg_max_t: Annotated[float | None, typer.Option(help="Guidance interval: CFG only at timesteps <= T, the prompt alone above (default: the bundle's; 1000 = every step)")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise")] = 0,
     lpl: Annotated[str, typer.Option(help="Linear Proportional Leap: off, N (N steps then a leap), dynamic[:start=14,tol=1e-3,patience=3]")] = "off",
     tdtm_steps: Annotated[int, typer.Option(help="Use the TDTM (token-merged) blocks for the first N steps")] = 0,
@@ -64,7 +65,7 @@ def generate(
                 tasks[p.stage] = bar.add_task(label, total=p.total)
             bar.update(tasks[p.stage], completed=p.index, total=p.total)
 
-        result = pipe(prompt, steps=steps, cfg=cfg, seed=seed, lpl=lpl, tdtm_steps=tdtm_steps, callback=on_progress)
+        result = pipe(prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl, tdtm_steps=tdtm_steps, callback=on_progress)
     save_video(result.frames, out, fps=fps)
     pipe.close()
     notes = list(result.notes)

@@ -416,7 +416,8 @@ def _sampler_section(m: Manifest, tdtm: bool) -> dict[str, Any]:
     return {
         **m.sampler,
         "cfg": {"batch": 2, "order": ["prompt", "null caption"], "keep_channels": m.preset["stdit"]["in_channels"],
-                "formula": "v = v_null + cfg_scale * (v_prompt - v_null)"},
+                "formula": "v = v_null + s * (v_prompt - v_null); s = cfg_scale, or 1 at t > guidance_max_t "
+                           "(when guidance_max_t is set)"},
         "noise": {"convention": "z ~ N(0, 1), shape = latent_shape; sorakit uses numpy PCG64 "
                                 "(np.random.default_rng(seed).standard_normal) for bit-exact parity"},
         "lpl": {"default": "off", "fixed": {"leap_at": lpl.leap_at},

@@ -33,11 +33,12 @@ class EvalSettings:
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: int = 30
     cfg: float | None = None
+    cfg_max_t: float | None = None  # guidance interval; None: the bundle's
     lpl: list[str] = field(default_factory=lambda: ["10", "15", "20", "25", "dynamic"])
     tdtm: list[int] = field(default_factory=lambda: [5, 10, 15, 20, 25, 30])
     precisions: list[str] = field(default_factory=lambda: ["fp16", "int8"])
     adherence: bool = True  # only meaningful on the shipped model
-    adherence_rows: list[str] = field(default_factory=lambda: ["reference", "lpl 15", "tdtm 15", "int8"])
+    adherence_rows: list[str] = field(default_factory=lambda: ["reference", "cfg every step", "lpl 15", "tdtm 15", "int8"])
     # transformer time = the fastest of this many identical runs: millisecond steps time unevenly
     timing_repeats: int = 3
 
@@ -47,7 +48,7 @@ def _videos(pipe, settings: EvalSettings, **kw) -> tuple[list[np.ndarray], float
     seeds), the transformer calls and the sampling reports."""
     frames, t_tr, calls, reports = [], 0.0, 0, []
     for seed in settings.seeds:
-        r = pipe(list(settings.prompts), seed=seed, steps=settings.steps, cfg=settings.cfg, **kw)
+        r = pipe(list(settings.prompts), seed=seed, steps=settings.steps, cfg=settings.cfg, cfg_max_t=settings.cfg_max_t, **kw)
         frames += list(r.videos)
         t_tr += r.timings.transformer
         calls += r.sampling.model_calls
@@ -68,7 +69,7 @@ def _retime(rows: dict, timers: dict, settings: EvalSettings, say: Callable[[str
         say(f"timing round {rnd + 2}/{settings.timing_repeats}")
         for name, (pipe, kw) in timers.items():
             t = sum(pipe(list(settings.prompts), seed=seed, steps=settings.steps, cfg=settings.cfg,
-                         **kw).timings.transformer for seed in settings.seeds)
+                         cfg_max_t=settings.cfg_max_t, **kw).timings.transformer for seed in settings.seeds)
             best[name] = min(best[name], t)
     for name, t in best.items():
         rows[name]["transformer_seconds"] = t
@@ -154,6 +155,7 @@ def run_eval(bundle: str | Path, settings: EvalSettings, work: Path | None = Non
         "steps": settings.steps,
         "timing_repeats": settings.timing_repeats,
         "cfg": settings.cfg if settings.cfg is not None else m.sampler["cfg_scale"],
+        "cfg_max_t": settings.cfg_max_t if settings.cfg_max_t is not None else m.sampler.get("guidance_max_t"),
         "rows": rows,
         "velocity_cosine": [None if np.isnan(v) else float(v) for v in per_step],
     }
@@ -174,9 +176,11 @@ def adherence(base, settings: EvalSettings, rows: dict, work: Path, variant, say
     prompts = list(EVAL_PROMPTS)
     for name in settings.adherence_rows:
         say(f"adherence: {name}")
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"cfg_max_t": settings.cfg_max_t}
         pipe = base
-        if name.startswith("lpl "):
+        if name == "cfg every step":  # Open-Sora's sampler: no guidance interval
+            kw["cfg_max_t"] = 1000.0
+        elif name.startswith("lpl "):
             kw["lpl"] = name.split()[1]
         elif name.startswith("tdtm "):
             pipe = Pipeline.from_bundle(variant(["tdtm"]), memory_budget="unlimited")

@@ -62,10 +62,14 @@ def bench_markdown(res: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _guidance(max_t) -> str:
+    return f" at t <= {max_t:g} (guidance interval; the prompt's velocity alone above)" if max_t else ""
+
+
 def eval_markdown(res: dict[str, Any], command: str) -> str:
     lines = [f"Command: `{command}`", "",
              f"Model: {res['preset']}; {len(res['prompts'])} prompts x {len(res['seeds'])} seeds, {res['steps']} steps, "
-             f"CFG {res['cfg']}. Every row is compared with the full-step fp32 video of the same prompt and seed; "
+             f"CFG {res['cfg']}{_guidance(res.get('cfg_max_t'))}. Every row is compared with the full-step fp32 video of the same prompt and seed; "
              f"transformer time is the fastest of {res.get('timing_repeats', 1)} runs, taken in rounds that run every setting once.", "",
              "| setting | SSIM | min SSIM | PSNR dB | flicker | transformer calls | transformer speed-up |",
              "|---|---:|---:|---:|---:|---:|---:|"]

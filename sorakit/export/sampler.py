@@ -2,7 +2,9 @@
 
 Convention: x_t = (1 - t/1000) x0 + (t/1000) eps, the model predicts v = x0 - eps, Euler
 steps z <- z + v (t_i - t_{i+1})/1000 with the last step landing on t = 0. CFG runs the model
-on a batch of two (prompt first, null caption second) and combines v_u + s (v_c - v_u).
+on a batch of two (prompt first, null caption second) and combines v_u + s (v_c - v_u); with a
+guidance interval (``SamplerConfig.guidance_max_t``, off for the Open-Sora presets) steps above
+it use s = 1, the prompt's velocity alone.
 
 One deliberate difference from the official code: the timestep transform uses the *actual*
 number of latent frames. Open-Sora computes ``num_frames // 17 * 5``, which is the same for
@@ -63,7 +65,7 @@ def rflow_sample(
         t_in = t.expand(2 * n).contiguous()
         pred = model_fn(torch.cat([z, z]), t_in)[:, : z.shape[1]]
         v_cond, v_uncond = pred.chunk(2)
-        v = v_uncond + scale * (v_cond - v_uncond)
+        v = v_uncond + cfg.guidance_at(float(t), scale) * (v_cond - v_uncond)
         dt = (timesteps[i] - timesteps[i + 1]) if i < num_steps - 1 else timesteps[i]
         z = z + v * (dt / cfg.num_timesteps)
         if callback is not None:

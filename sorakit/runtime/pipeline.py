@@ -297,6 +297,7 @@ class Pipeline:
         *,
         steps: int | None = None,
         cfg: float | None = None,
+        cfg_max_t: float | None = None,
         seed: int = 0,
         lpl: str | LPL | None = None,
         tdtm_steps: int = 0,
@@ -309,6 +310,9 @@ class Pipeline:
         """Generate one video per prompt.
 
         ``steps``/``cfg`` default to the bundle's sampler settings (30, 7.0 for Open-Sora).
+        ``cfg_max_t``: the guidance interval, CFG only at timesteps <= it (the prompt's velocity
+        alone above); None: the bundle's setting (700 for the shipped model, every step for
+        Open-Sora); 1000 or more: every step.
         ``lpl``: None/"off", "15" (15 steps then a leap), "dynamic[:start=14,tol=1e-3,patience=3]".
         ``tdtm_steps``: the first m steps use the TDTM block variants (needs ``sorakit optimize
         --passes tdtm``). ``noise`` overrides the seeded initial latent.
@@ -320,6 +324,10 @@ class Pipeline:
         sampler = ModelPreset.from_dict(self.manifest.preset).sampler
         steps = steps or int(self.manifest.sampler.get("num_steps", sampler.num_steps))
         cfg = float(self.manifest.sampler.get("cfg_scale", sampler.cfg_scale) if cfg is None else cfg)
+        if cfg_max_t is None:
+            cfg_max_t = self.manifest.sampler.get("guidance_max_t", sampler.guidance_max_t)
+        if cfg_max_t is not None and not cfg_max_t > 0:
+            raise SorakitError(f"cfg_max_t must be a positive timestep (1000 = guidance at every step), got {cfg_max_t}")
         if steps < 1:
             raise SorakitError(f"steps must be at least 1, got {steps}")
         if tdtm_steps < 0 or tdtm_steps > steps:
@@ -359,7 +367,8 @@ class Pipeline:
             t0 = time.perf_counter()
             emit("denoise", 0, steps)
             z, report = rflow_sample(vel, z, ts, cfg, lpl, sampler.num_timesteps,
-                                     on_step=lambda i, r: emit("denoise", i + 1, steps, calls=r.model_calls))
+                                     on_step=lambda i, r: emit("denoise", i + 1, steps, calls=r.model_calls),
+                                     guidance_max_t=cfg_max_t)
             timings.transformer = time.perf_counter() - t0
             emit("denoise", steps, steps, calls=report.model_calls)
 

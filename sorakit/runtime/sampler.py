@@ -103,6 +103,7 @@ class SampleReport:
     leap_step: list[int | None] = field(default_factory=list)  # per sample; None = no leap
     cosine: list[list[float]] = field(default_factory=list)  # per step, per active sample (nan if n/a)
     timesteps: list[float] = field(default_factory=list)
+    cfg_scales: list[float] = field(default_factory=list)  # the CFG scale used at each step
 
 
 # velocity_fn(z_in [2k, C, T, h, w], t [2k], step, active sample indices [k]) -> output [2k, Cout, T, h, w]
@@ -124,8 +125,13 @@ def rflow_sample(
     lpl: LPL = LPL(),
     num_timesteps: int = 1000,
     on_step: Callable[[int, SampleReport], None] | None = None,
+    guidance_max_t: float | None = None,
 ) -> tuple[np.ndarray, SampleReport]:
-    """Run the sampler on noise z [n, C, T, h, w]; returns the final latent and a report."""
+    """Run the sampler on noise z [n, C, T, h, w]; returns the final latent and a report.
+
+    ``guidance_max_t``: the guidance interval; steps whose timestep is above it use the prompt's
+    velocity alone (CFG scale 1). None: CFG at every step.
+    """
     n, C = z.shape[0], z.shape[1]
     num_steps = len(timesteps)
     lpl.validate(num_steps)
@@ -135,7 +141,7 @@ def rflow_sample(
     prev_v: np.ndarray | None = None
     best = np.full(n, -np.inf)
     patience = np.full(n, lpl.patience)
-    scale = np.float32(cfg_scale)
+    guided = SamplerConfig(cfg_scale=cfg_scale, guidance_max_t=guidance_max_t)
     for i, t in enumerate(timesteps):
         if active.size == 0:
             break
@@ -144,6 +150,8 @@ def rflow_sample(
         out = model(np.concatenate([za, za]), t_in, i, active)[:, :C]
         report.model_calls += 1
         v_cond, v_uncond = out[: active.size], out[active.size :]
+        scale = np.float32(guided.guidance_at(float(t), cfg_scale))
+        report.cfg_scales.append(float(scale))
         v = (v_uncond + scale * (v_cond - v_uncond)).astype(np.float32)
 
         cos = np.full(n, np.nan)
@@ -152,8 +160,13 @@ def rflow_sample(
         report.cosine.append([float(c) for c in cos])
 
         leap = np.zeros(active.size, dtype=bool)
+        # at the edge of the guidance interval v changes meaning (prompt alone -> CFG): a cosine
+        # across it says nothing about straightening, so dynamic LPL starts its watch afresh
+        switched = i > 0 and report.cfg_scales[-1] != report.cfg_scales[-2]
         if lpl.mode == "fixed" and i == lpl.leap_at:
             leap[:] = True
+        elif lpl.mode == "dynamic" and switched:
+            best[active], patience[active] = -np.inf, lpl.patience
         elif lpl.mode == "dynamic" and i >= lpl.start and prev_v is not None:
             for j, s in enumerate(active):
                 if cos[s] > best[s] + lpl.tolerance:

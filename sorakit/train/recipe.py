@@ -1064,6 +1064,7 @@ def run(
             "prompts": len(final["per_prompt"]),
             "steps": cfg.eval_steps,
             "cfg_scale": cfg.eval_cfg,
+            "guidance_max_t": preset.sampler.guidance_max_t,
             "seed": cfg.eval_seed,
             "colour_acc": final["colour_acc"],
             "direction_acc": final["direction_acc"],

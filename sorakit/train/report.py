@@ -49,7 +49,25 @@ def with_transform_base(models: TorchModels, base_resolution: int) -> TorchModel
     return dataclasses.replace(models, preset=preset)
 
 
-def plot_velocity_cosine(cos: np.ndarray, path: Path, title: str) -> None:
+def with_guidance(models: TorchModels, guidance_max_t: float | None) -> TorchModels:
+    """The same weights sampled with another guidance interval (None: CFG at every step)."""
+    preset = dataclasses.replace(
+        models.preset, sampler=dataclasses.replace(models.preset.sampler, guidance_max_t=guidance_max_t)
+    )
+    return dataclasses.replace(models, preset=preset)
+
+
+def guidance_note() -> str:
+    g = shapes_preset().sampler.guidance_max_t
+    return f"CFG 7 at t ≤ {g:g}" if g is not None else "CFG 7"
+
+
+def plot_velocity_cosine(
+    cos: np.ndarray, path: Path, title: str, every_step: np.ndarray | None = None, first_guided: int | None = None
+) -> None:
+    """Per-prompt and mean cosines of the default sampler; ``every_step``: the mean with CFG at
+    every step (the paper's Figure 5 setting) as a second line; ``first_guided``: the step at
+    which the guidance interval begins (marked)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,7 +77,13 @@ def plot_velocity_cosine(cos: np.ndarray, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     for row in cos:
         ax.plot(steps, row, color="tab:blue", alpha=0.15, lw=0.8)
-    ax.plot(steps, cos.mean(axis=0), color="tab:red", lw=2, label="mean over the 24 prompts")
+    label = "mean over the 24 prompts" + (" (default: guidance interval)" if every_step is not None else "")
+    ax.plot(steps, cos.mean(axis=0), color="tab:red", lw=2, label=label)
+    if every_step is not None:
+        ax.plot(steps, every_step.mean(axis=0), color="black", lw=1.5, ls="--", label="mean, CFG 7 at every step")
+    if first_guided is not None:
+        ax.axvline(first_guided, color="grey", lw=0.8, ls=":")
+        ax.text(first_guided + 0.3, 0.05, "guidance starts", fontsize=7, color="grey")
     ax.set_xlabel("step i (cosine of v_i and v_i+1)")
     ax.set_ylabel("cosine similarity")
     ax.set_ylim(min(0.0, float(cos.min())) - 0.02, 1.01)
@@ -196,6 +220,7 @@ def ship(
             "prompts": len(measured["per_prompt"]),
             "steps": EVAL_STEPS,
             "cfg_scale": EVAL_CFG,
+            "guidance_max_t": measured.get("guidance_max_t"),
             "seed": EVAL_SEED,
             **{k: measured[k] for k in ("colour_acc", "direction_acc", "both_acc")},
         },
@@ -208,6 +233,27 @@ def ship(
         dest.rename(old)
     staging.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
+    return record
+
+
+def remeasure(measure: Callable[[Path], dict], dest: Path = SHIPPED_DIR) -> dict:
+    """Measure the shipped files again (e.g. after a sampler default changed) and rewrite
+    ``adherence`` and ``measured`` in their training.json; the run's record stays as it was,
+    and the previous measurement is kept under ``measured_before``."""
+    record = json.loads((dest / "training.json").read_text())
+    measured = measure(dest)
+    before = {k: v for k, v in record.get("measured", {}).items() if k != "per_prompt"}
+    record |= {
+        "adherence": record.get("adherence", {}) | {
+            "guidance_max_t": measured.get("guidance_max_t"),
+            **{k: measured[k] for k in ("colour_acc", "direction_acc", "both_acc")},
+        },
+        "measured": measured,
+        "measured_before": before,
+    }
+    tmp = dest / "training.json.partial"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(dest / "training.json")
     return record
 
 
@@ -235,7 +281,7 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
 
     models = load_shipped(model_dir)
     score, videos = adherence(models)
-    print(f"adherence on {score['n']} prompts (30 steps, CFG 7, seed 0):")
+    print(f"adherence on {score['n']} prompts (30 steps, {guidance_note()}, seed 0):")
     print(f"  colour {score['colour_acc']:.1%}  direction {score['direction_acc']:.1%}  both {score['both_acc']:.1%}")
     for key, what in STEADINESS:
         if score[key] is not None:
@@ -248,6 +294,15 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
     cos = velocity_cosines(models, list(EVAL_PROMPTS), EVAL_STEPS, EVAL_CFG, EVAL_SEED)
     mean = cos.mean(axis=0)
     print("velocity cosine (mean over prompts) per step:", " ".join(f"{c:.3f}" for c in mean))
+    cos_every, first_guided = None, None
+    if models.preset.sampler.guidance_max_t is not None:
+        cos_every = velocity_cosines(with_guidance(models, None), list(EVAL_PROMPTS), EVAL_STEPS, EVAL_CFG, EVAL_SEED)
+        print("  with CFG at every step:", " ".join(f"{c:.3f}" for c in cos_every.mean(axis=0)))
+        from sorakit.runtime.sampler import timestep_schedule
+
+        H, W = models.preset.resolution
+        ts = timestep_schedule(models.preset.sampler, EVAL_STEPS, H, W, models.preset.latent_size(models.preset.num_frames, H, W)[0])
+        first_guided = int(np.flatnonzero(ts <= models.preset.sampler.guidance_max_t)[0])
     out = {
         "colour_acc": score["colour_acc"],
         "direction_acc": score["direction_acc"],
@@ -258,7 +313,11 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
         ],
         "velocity_cosine_mean": [round(float(c), 5) for c in mean],
         "text_sensitivity": text_sensitivity(models),
+        "guidance_max_t": models.preset.sampler.guidance_max_t,
     }
+    if cos_every is not None:
+        out["velocity_cosine_every_step_mean"] = [round(float(c), 5) for c in cos_every.mean(axis=0)]
+        out["first_guided_step"] = first_guided
     print("text sensitivity (relative change of v between opposite directions) by t:", out["text_sensitivity"])
     if seeds > 1:
         by_seed = [{"seed": EVAL_SEED, "colour_acc": score["colour_acc"], "direction_acc": score["direction_acc"]}]
@@ -270,6 +329,13 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
     if diagnostics:
         out["direction_probe"] = direction_probe(models)
         print("direction probe (model vs data at t = 1000):", out["direction_probe"])
+        if models.preset.sampler.guidance_max_t is not None:
+            for key, variant, scale in (("cfg_every_step", with_guidance(models, None), EVAL_CFG),
+                                        ("cfg_1", models, 1.0)):
+                s, _ = adherence(variant, cfg_scale=scale)
+                out[key] = {k: s[k] for k in ("colour_acc", "direction_acc", "single_object")}
+                print(f"{key}: colour {s['colour_acc']:.1%} direction {s['direction_acc']:.1%} "
+                      f"single object {s['single_object']:.1%}")
         for base in (512 * 512, 256 * 256):
             s, _ = adherence(with_transform_base(models, base))
             out[f"transform_base_{int(base**0.5)}"] = {
@@ -280,7 +346,10 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
                 f"sampling with transform base {int(base**0.5)}^2: colour {s['colour_acc']:.1%} direction {s['direction_acc']:.1%}"
             )
     if img:
-        plot_velocity_cosine(cos, img / "velocity_cosine.png", "shapes model, 30 steps, CFG 7: cos(v_i, v_i+1)")
+        plot_velocity_cosine(
+            cos, img / "velocity_cosine.png", f"shapes model, 30 steps, {guidance_note()}: cos(v_i, v_i+1)",
+            cos_every, first_guided,
+        )
         pick = [0, 1, 2, 3, 9, 14]
         sample_strip(videos[pick], [EVAL_PROMPTS[i] for i in pick], img / "shapes_samples.png")
         print(f"wrote {img / 'velocity_cosine.png'} and {img / 'shapes_samples.png'}")
@@ -302,6 +371,17 @@ def figures_markdown(record: dict) -> str:
         f"(target ≥ {TARGET_DIRECTION_ACC:.0%}), both {m['both_acc']:.0%}: the bar is {verdict}.**",
         "",
     ]
+    g = m.get("guidance_max_t")
+    if g is not None:
+        lines[0] = lines[0].replace("**Shipped model:", f"**Shipped model (30 steps, CFG 7 at t ≤ {g:g}, seed 0):")
+    every, off = m.get("cfg_every_step"), m.get("cfg_1")
+    if every and off:
+        lines.append(
+            f"Without the guidance interval (CFG 7 at every step, as Open-Sora samples): colour {every['colour_acc']:.0%}, "
+            f"direction {every['direction_acc']:.0%}, single object {every['single_object']:.0%}. "
+            f"Without guidance (CFG 1): colour {off['colour_acc']:.0%}, direction {off['direction_acc']:.0%}, "
+            f"single object {off['single_object']:.0%}."
+        )
     trained = round(shapes_preset().sampler.transform_base_resolution**0.5)
     for base in (512, 256):
         s = m.get(f"transform_base_{base}")
@@ -338,6 +418,10 @@ def figures_markdown(record: dict) -> str:
     cos = m["velocity_cosine_mean"]
     lines += ["", "Velocity cosine, mean over the prompts, per step (step i = cos(v_i, v_i+1)): "
               + ", ".join(f"{v:.3f}" for v in cos) + "."]
+    if m.get("velocity_cosine_every_step_mean"):
+        lines += ["", f"The dip at step {m['first_guided_step']} is where guidance starts (v changes from the prompt's "
+                  "velocity to the CFG velocity). With CFG 7 at every step (the paper's Figure 5 setting): "
+                  + ", ".join(f"{v:.3f}" for v in m["velocity_cosine_every_step_mean"]) + "."]
     return "\n".join(lines)
 
 
@@ -359,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--diagnostics", action="store_true", help="also sample with Open-Sora's 512^2 transform base")
     ap.add_argument("--seeds", type=int, default=1, help="score the prompts with noise seeds 0 .. N-1 (default 1)")
     ap.add_argument("--ship", default=None, metavar="RUN_DIR", help="copy this recipe output into the package, measured")
+    ap.add_argument(
+        "--remeasure", action="store_true", help="measure the shipped files again and rewrite their training.json figures"
+    )
     ap.add_argument("--checkpoint", default=None, help="with --ship: ship RUN_DIR/checkpoints/CHECKPOINT's T5 + DiT")
     ap.add_argument("--vae", default=None, help="with --ship: the VAE from this directory (decoder fine-tuned further)")
     ap.add_argument(
@@ -372,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     def write_doc() -> None:
         update_doc(Path(args.doc), json.loads((SHIPPED_DIR / "training.json").read_text()))
 
-    if args.doc and not (args.ship or args.json or args.img or args.diagnostics):
+    if args.doc and not (args.ship or args.remeasure or args.json or args.img or args.diagnostics):
         write_doc()
         return
     torch.set_num_threads(2)
@@ -384,6 +471,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.ship:
         out = ship(args.ship, run, args.checkpoint, vae_dir=args.vae)["measured"]
         print(f"shipped {args.ship} ({args.checkpoint or 'final'}) to {SHIPPED_DIR}")
+    elif args.remeasure:
+        out = remeasure(run)["measured"]
+        print(f"re-measured {SHIPPED_DIR}")
     else:
         out = run(Path(args.model))
     if args.json:
