@@ -101,6 +101,12 @@ def test_eval_on_the_small_preset(tiny_bundle, tmp_path):
 def test_eval_bad_input(tiny_bundle, tmp_path):
     res = _cli("eval", "--bundle", str(tiny_bundle[0]), "--out", str(tmp_path), "--precisions", "int4")
     assert res.returncode == 1 and "unknown precision 'int4'" in res.stderr
+    res = _cli("eval", "--bundle", str(tiny_bundle[0]), "--out", str(tmp_path / "e"), "--cfg-max-t", "-5")
+    assert res.returncode == 1 and "--cfg-max-t must be a positive timestep" in res.stderr
+    assert not (tmp_path / "e").exists()
+    video = tmp_path / "v.mp4"
+    res = _cli("generate", "a red circle", "--bundle", str(tiny_bundle[0]), "--out", str(video), "--cfg-max-t", "0")
+    assert res.returncode == 1 and "cfg_max_t must be a positive timestep" in res.stderr and not video.exists()
 
 
 def test_variant_bundles_are_reused_only_for_the_same_source(tiny_bundle, tmp_path):

@@ -83,6 +83,43 @@ def test_guidance_interval_matches_torch_reference(tiny_bundle, tiny_models):
         pipe(prompt, steps=2, cfg_max_t=0)
 
 
+def test_dynamic_bundle_generates_and_skips_the_null_half_outside_the_interval(tmp_path, tiny_models):
+    """A dynamic-shape bundle end to end: at unguided steps the transformer runs on the prompt
+    half only (batch 1 instead of 2), and the video still matches the torch reference."""
+    import dataclasses
+
+    from sorakit.export.exporter import ExportSettings, export_bundle
+    from sorakit.export.reference import ReferencePipeline
+
+    out = tmp_path / "dyn"
+    export_bundle(ExportSettings(tiny_models.preset, 64, 64, 17, static=False, verify=False), out)
+    pipe = Pipeline.from_bundle(out)
+    batches = []
+    prologue = pipe.tr["prologue"][0]
+    run_graph = pipe.scheduler.run_chain
+
+    def spy(chain, ctx, then=None):
+        if chain and chain[0] is prologue:
+            batches.append(len(ctx["x"]))
+        return run_graph(chain, ctx, then=then)
+
+    pipe.scheduler.run_chain = spy
+    prompt = "a red circle moving right"
+    full = pipe(prompt, seed=2, steps=5, cfg=7.0)
+    ts = full.sampling.timesteps
+    max_t = (ts[1] + ts[2]) / 2
+    batches.clear()
+    got = pipe(prompt, seed=2, steps=5, cfg=7.0, cfg_max_t=max_t)
+    assert batches == [1, 1, 2, 2, 2]
+    preset = dataclasses.replace(
+        tiny_models.preset, sampler=dataclasses.replace(tiny_models.preset.sampler, guidance_max_t=max_t)
+    )
+    ref = ReferencePipeline(dataclasses.replace(tiny_models, preset=preset))(prompt, seed=2, steps=5, cfg_scale=7.0)
+    assert np.abs(got.latents - ref.latents).max() < 1e-3
+    assert np.abs(got.frames.astype(int) - ref.video[0].astype(int)).max() <= 1
+    assert np.abs(got.latents - full.latents).max() > 1e-2
+
+
 def test_deterministic_and_seeded(tiny_bundle):
     pipe = Pipeline.from_bundle(tiny_bundle[0])
     a = pipe("a red circle", seed=1, steps=3)

@@ -74,16 +74,18 @@ def test_toy_trajectory_torch_and_numpy():
     assert np.abs(z_np - d["z_final"]).max() <= 1e-4
 
 
-def guided_toy_np(z_in, t, step, active):
-    """Prompt half and null half give different velocities, so the CFG scale shows in the result."""
-    k = len(z_in) // 2
+def guided_toy_np(z_in, t, step, active, n=None):
+    """Prompt half and null half give different velocities, so the CFG scale shows in the result.
+    z_in holds the prompt half only (unguided steps) when its batch is the number of samples."""
+    n = len(active) if n is None else n
+    assert len(z_in) in (n, 2 * n) and len(t) == len(z_in)
     v = 0.5 * z_in + (t / 1000)[:, None, None, None, None]
-    v[k:] *= np.float32(0.25)
+    v[n:] *= np.float32(0.25)
     return v
 
 
 def guided_toy_torch(z_in, t):
-    return torch.from_numpy(guided_toy_np(z_in.numpy(), t.numpy(), 0, None))
+    return torch.from_numpy(guided_toy_np(z_in.numpy(), t.numpy(), 0, None, n=2))
 
 
 @pytest.mark.parametrize("max_t", [800.0, 950.0])
@@ -96,14 +98,21 @@ def test_guidance_interval(max_t):
     # an independent Euler loop with the scale chosen per step
     z = z0.copy()
     for i, t in enumerate(ts):
-        out = guided_toy_np(np.concatenate([z, z]), np.full(4, t, np.float32), i, None)
+        out = guided_toy_np(np.concatenate([z, z]), np.full(4, t, np.float32), i, np.arange(2))
         s = 1.0 if t > max_t else 7.0
         v = out[2:] + np.float32(s) * (out[:2] - out[2:])
         z = z + v * ((ts[i] - ts[i + 1]) if i < 29 else ts[i]) / np.float32(1000)
-    got, report = np_sample(guided_toy_np, z0, ts, 7.0, guidance_max_t=max_t)
+    sizes = []
+
+    def sized(z_in, t, step, active):
+        sizes.append(len(z_in))
+        return guided_toy_np(z_in, t, step, active)
+
+    got, report = np_sample(sized, z0, ts, 7.0, guidance_max_t=max_t)
     assert np.abs(got - z).max() <= 1e-5
     unguided = int((ts > max_t).sum())
     assert 0 < unguided < 30
+    assert sizes == [2] * unguided + [4] * (30 - unguided)  # the null half is skipped where unused
     assert report.cfg_scales == [1.0] * unguided + [7.0] * (30 - unguided)
     full, full_report = np_sample(guided_toy_np, z0, ts, 7.0)
     assert full_report.cfg_scales == [7.0] * 30
@@ -111,8 +120,14 @@ def test_guidance_interval(max_t):
     at_1000, _ = np_sample(guided_toy_np, z0, ts, 7.0, guidance_max_t=1000.0)
     assert np.array_equal(at_1000, full)  # 1000 = every step, as without an interval
 
-    ref = torch_sample(guided_toy_torch, torch.from_numpy(z0), height=64, width=64,
-                       cfg=cfg)
+    sizes.clear()
+
+    def sized_torch(z_in, t):
+        sizes.append(len(z_in))
+        return guided_toy_torch(z_in, t)
+
+    ref = torch_sample(sized_torch, torch.from_numpy(z0), height=64, width=64, cfg=cfg)
+    assert sizes == [2] * unguided + [4] * (30 - unguided)
     assert np.abs(ref.numpy() - got).max() <= 1e-4
 
 

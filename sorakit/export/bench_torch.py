@@ -59,7 +59,8 @@ def run_row(spec: dict) -> dict:
 
     def model_fn(z_in, t):
         t1 = time.perf_counter()
-        out = models.transformer(z_in, t, y_all, mask, None, fps, *hw)
+        y_in = y_all if len(z_in) == len(y_all) else y  # prompt half only at unguided steps
+        out = models.transformer(z_in, t, y_in, mask, None, fps, *hw)
         calls.append(time.perf_counter() - t1)
         return out
 

@@ -74,7 +74,8 @@ class ReferencePipeline:
         hw = torch.tensor([float(height)]), torch.tensor([float(width)])
 
         def model_fn(z_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.models.transformer(z_in, t, y_all, mask, None, fps, *hw)
+            y_in = y_all if len(z_in) == len(y_all) else y  # prompt half only at unguided steps
+            return self.models.transformer(z_in, t, y_in, mask, None, fps, *hw)
 
         z = rflow_sample(
             model_fn,

@@ -56,16 +56,21 @@ def rflow_sample(
     cfg_scale: float | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Sample from noise z [n,C,T,h,w]. ``model_fn(z_in [2n,...], t [2n])`` returns [2n,Cout,...]."""
+    """Sample from noise z [n,C,T,h,w]. ``model_fn(z_in, t)`` returns [len(z_in), Cout, ...]; z_in is
+    [2n, ...] (prompt half, then null-caption half) at guided steps and [n, ...] (prompt only) at
+    steps with CFG scale 1."""
     num_steps = num_steps or cfg.num_steps
     scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
     n = z.shape[0]
     timesteps = schedule(cfg, num_steps, height, width, z.shape[2])
     for i, t in enumerate(timesteps):
-        t_in = t.expand(2 * n).contiguous()
-        pred = model_fn(torch.cat([z, z]), t_in)[:, : z.shape[1]]
-        v_cond, v_uncond = pred.chunk(2)
-        v = v_uncond + cfg.guidance_at(float(t), scale) * (v_cond - v_uncond)
+        s = cfg.guidance_at(float(t), scale)
+        if s == 1:  # the prompt's velocity alone: the model runs on the prompt half only
+            v = model_fn(z, t.expand(n).contiguous())[:, : z.shape[1]]
+        else:
+            pred = model_fn(torch.cat([z, z]), t.expand(2 * n).contiguous())[:, : z.shape[1]]
+            v_cond, v_uncond = pred.chunk(2)
+            v = v_uncond + s * (v_cond - v_uncond)
         dt = (timesteps[i] - timesteps[i + 1]) if i < num_steps - 1 else timesteps[i]
         z = z + v * (dt / cfg.num_timesteps)
         if callback is not None:

@@ -195,11 +195,16 @@ class Pipeline:
 
         def run(z_pair: np.ndarray, t_pair: np.ndarray, idx: np.ndarray, step: int) -> np.ndarray:
             k = len(idx)
+            if len(z_pair) == k:  # prompt only (an unguided step)
+                y_in, mask_in = y[idx], y_mask[idx]
+            else:
+                y_in = np.concatenate([y[idx], np.repeat(null, k, 0)])
+                mask_in = np.concatenate([y_mask[idx], y_mask[idx]])
             ctx = {
                 "x": np.ascontiguousarray(z_pair, dtype=np.float32),
                 "timestep": t_pair.astype(np.float32),
-                "y": np.concatenate([y[idx], np.repeat(null, k, 0)]).astype(np.float32),
-                "y_mask": np.concatenate([y_mask[idx], y_mask[idx]]).astype(np.int64),
+                "y": y_in.astype(np.float32),
+                "y_mask": mask_in.astype(np.int64),
                 "fps": fps,
                 "height": hw[0],
                 "width": hw[1],
@@ -214,7 +219,9 @@ class Pipeline:
             self._plan_usage(n_active=len(active), step=step, num_steps=num_steps, tdtm_steps=tdtm_steps)
             k = len(active)
             if not pairs:
-                out = run(z_in, t, active, step)
+                out = run(z_in, t, active, step)  # batch 2k (CFG) or k (prompt only)
+            elif len(z_in) == k:  # static CFG-pair graphs: run the pair, keep the prompt half
+                out = np.concatenate([run(z_in[[j, j]], t[[j, j]], active[j : j + 1], step)[:1] for j in range(k)])
             else:
                 outs = [run(z_in[[j, k + j]], t[[j, k + j]], active[j : j + 1], step) for j in range(k)]
                 out = np.concatenate([o[:1] for o in outs] + [o[1:] for o in outs])

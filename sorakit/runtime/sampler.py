@@ -106,7 +106,10 @@ class SampleReport:
     cfg_scales: list[float] = field(default_factory=list)  # the CFG scale used at each step
 
 
-# velocity_fn(z_in [2k, C, T, h, w], t [2k], step, active sample indices [k]) -> output [2k, Cout, T, h, w]
+# velocity_fn(z_in, t, step, active sample indices [k]) -> output with z_in's batch: z_in is
+# [2k, C, T, h, w] (prompt half, then null-caption half) at guided steps and [k, ...] (prompt
+# only) at steps with CFG scale 1 (outside the guidance interval, or cfg 1), where the null
+# half would be thrown away; t has z_in's batch.
 VelocityFn = Callable[[np.ndarray, np.ndarray, int, np.ndarray], np.ndarray]
 
 
@@ -130,7 +133,7 @@ def rflow_sample(
     """Run the sampler on noise z [n, C, T, h, w]; returns the final latent and a report.
 
     ``guidance_max_t``: the guidance interval; steps whose timestep is above it use the prompt's
-    velocity alone (CFG scale 1). None: CFG at every step.
+    velocity alone (CFG scale 1, the model runs on the prompt half only). None: CFG at every step.
     """
     n, C = z.shape[0], z.shape[1]
     num_steps = len(timesteps)
@@ -146,13 +149,16 @@ def rflow_sample(
         if active.size == 0:
             break
         za = z[active]
-        t_in = np.full(2 * active.size, t, dtype=np.float32)
-        out = model(np.concatenate([za, za]), t_in, i, active)[:, :C]
-        report.model_calls += 1
-        v_cond, v_uncond = out[: active.size], out[active.size :]
         scale = np.float32(guided.guidance_at(float(t), cfg_scale))
         report.cfg_scales.append(float(scale))
-        v = (v_uncond + scale * (v_cond - v_uncond)).astype(np.float32)
+        if scale == 1:  # the prompt's velocity alone: the null-caption half is not computed
+            v = model(za, np.full(active.size, t, dtype=np.float32), i, active)[:, :C].astype(np.float32)
+        else:
+            t_in = np.full(2 * active.size, t, dtype=np.float32)
+            out = model(np.concatenate([za, za]), t_in, i, active)[:, :C]
+            v_cond, v_uncond = out[: active.size], out[active.size :]
+            v = (v_uncond + scale * (v_cond - v_uncond)).astype(np.float32)
+        report.model_calls += 1
 
         cos = np.full(n, np.nan)
         if prev_v is not None:
