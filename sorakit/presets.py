@@ -304,8 +304,8 @@ def shapes_preset() -> ModelPreset:
             scale=(0.9393, 0.9839, 0.9045, 0.8817, 0.9644, 0.9429, 0.9857, 0.9624),
         ),
         t5=T5Config(vocab_size=512, d_model=128, d_kv=32, d_ff=256, num_layers=3, num_heads=4, max_length=24),
-        # guidance interval: CFG 7 only at t <= 700, the last 15 of 30 steps (docs/training.md, "Guidance at high noise")
-        sampler=SamplerConfig(transform_base_resolution=64 * 64, guidance_max_t=700.0),
+        # guidance interval: CFG 7 only at t <= 800, the last 19 of 30 steps (docs/training.md, "Guidance at high noise")
+        sampler=SamplerConfig(transform_base_resolution=64 * 64, guidance_max_t=800.0),
         resolution=(64, 64),
         num_frames=17,
     )
