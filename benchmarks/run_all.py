@@ -68,9 +68,16 @@ def targets(bench: dict | None, ev: dict | None, real: dict | None) -> list[str]
             rows.append(f"| int8 at SSIM >= 0.90 (shipped model) | SSIM {i8['ssim']:.3f} | {verdict(i8['ssim'] >= 0.90)} |")
         a = (ev.get("adherence") or {}).get("reference")
         if a:
-            rows.append(f"| adherence: colour >= 85 %, direction >= 75 % (24 prompts, 30 steps, CFG 7) | "
+            g = ev.get("cfg_max_t")
+            where = f" at t <= {g:g}, the model's guidance interval" if g else ""
+            rows.append(f"| adherence: colour >= 85 %, direction >= 75 % (24 prompts, 30 steps, CFG 7{where}; seed 0) | "
                         f"{a['colour_acc']:.0%} / {a['direction_acc']:.0%} | "
                         f"{verdict(a['colour_acc'] >= 0.85 and a['direction_acc'] >= 0.75)} |")
+            every = (ev.get("adherence") or {}).get("cfg every step")
+            if every and g:
+                rows.append(f"| the same with CFG 7 at every step (Open-Sora's sampler) | "
+                            f"{every['colour_acc']:.0%} / {every['direction_acc']:.0%} | "
+                            f"{verdict(every['colour_acc'] >= 0.85 and every['direction_acc'] >= 0.75)} |")
     if bench:
         rows_b = bench["rows"]
         allr = rows_b.get("all (LPL+TDTM+CI-DL+int8)")

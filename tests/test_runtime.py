@@ -81,6 +81,11 @@ def test_guidance_interval_matches_torch_reference(tiny_bundle, tiny_models):
     assert np.abs(got.frames.astype(int) - ref.video[0].astype(int)).max() <= 1
     with pytest.raises(SorakitError, match="cfg_max_t must be a positive timestep"):
         pipe(prompt, steps=2, cfg_max_t=0)
+    # a fixed leap at or right after the start of guidance is flagged, a later one is not
+    notes = {n: pipe(prompt, seed=3, steps=6, cfg_max_t=max_t, lpl=n).notes for n in ("1", "2", "4")}
+    assert any("before guidance starts (step 2" in x for x in notes["1"]), notes
+    assert any("0 step(s) after guidance starts" in x for x in notes["2"]), notes
+    assert not any("guidance starts" in x for x in notes["4"]), notes
 
 
 def test_dynamic_bundle_generates_and_skips_the_null_half_outside_the_interval(tmp_path, tiny_models):

@@ -68,6 +68,23 @@ class GenerationResult:
     notes: list[str] = field(default_factory=list)  # truncation, unknown words, fallbacks
 
 
+def leap_vs_guidance(lpl: LPL, ts: np.ndarray, guidance_max_t: float | None, cfg: float) -> str | None:
+    """A note when a fixed LPL leap sits badly against the guidance interval, else None."""
+    if lpl.mode != "fixed" or guidance_max_t is None or cfg == 1:
+        return None
+    guided = np.flatnonzero(ts <= guidance_max_t)
+    first = int(guided[0]) if guided.size else len(ts)
+    if first == 0:
+        return None
+    if lpl.leap_at < first:
+        return (f"LPL leaps at step {lpl.leap_at}, before guidance starts (step {first}, t <= {guidance_max_t:g}): "
+                "this video is sampled without CFG")
+    if lpl.leap_at - first < 2:
+        return (f"LPL leaps at step {lpl.leap_at}, {lpl.leap_at - first} step(s) after guidance starts (step {first}); "
+                "the CFG velocity has not settled there, so the leap is poor: leap later or use --lpl dynamic")
+    return None
+
+
 class Pipeline:
     """A loaded bundle ready to generate. Build it with ``Pipeline.from_bundle``."""
 
@@ -366,6 +383,9 @@ class Pipeline:
             if z.shape != shape:
                 raise SorakitError(f"noise has shape {z.shape}, expected {shape}")
             ts = timestep_schedule(sampler, steps, height, width, shape[2])
+            note = leap_vs_guidance(lpl, ts, cfg_max_t, cfg)
+            if note:
+                notes.append(note)
 
             def on_step(step, seconds):
                 timings.transformer_steps.append(seconds)
