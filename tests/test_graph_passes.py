@@ -244,3 +244,26 @@ def test_cli_optimize_exit_codes(tiny_bundle, tmp_path):
                          "--out", str(tmp_path / "o"), "--json"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads(ok.stdout)["passes"][0]["name"] == "prune"
+
+
+def test_flops_count_5d_convs_behind_a_computed_pad(tmp_path):
+    """Exporters write a causal pad's amounts as a computed chain; the FLOP count must see
+    through it (it used to give 0 for every 3-D convolution of the temporal VAE)."""
+    import torch
+
+    from sorakit.graph_passes.flops import count_flops
+
+    class CausalConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(2, 5, 3)
+
+        def forward(self, x):
+            return self.conv(torch.nn.functional.pad(x, (1, 1, 1, 1, 2, 0)))
+
+    path = tmp_path / "causal.onnx"
+    torch.onnx.export(CausalConv(), (torch.randn(1, 2, 3, 4, 4),), str(path), dynamo=False, opset_version=17)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Pad" in ops and "Conv" in ops
+    # output [1, 5, 3, 4, 4]; each element is 2 x 27 multiply-adds
+    assert count_flops(path) == 2 * (5 * 3 * 4 * 4) * (2 * 27)
