@@ -140,10 +140,15 @@ class SamplerConfig:
     guidance_max_t: float | None = None
 
     def guidance_at(self, t: float, cfg_scale: float) -> float:
-        """The CFG scale used at timestep t (1.0 = the prompt's velocity alone)."""
-        if self.guidance_max_t is not None and float(t) > self.guidance_max_t:
-            return 1.0
-        return float(cfg_scale)
+        return guidance_scale(t, cfg_scale, self.guidance_max_t)
+
+
+def guidance_scale(t: float, cfg_scale: float, guidance_max_t: float | None) -> float:
+    """The CFG scale used at timestep t: cfg_scale inside the guidance interval, 1.0 (the
+    prompt's velocity alone) above it."""
+    if guidance_max_t is not None and float(t) > guidance_max_t:
+        return 1.0
+    return float(cfg_scale)
 
 
 @dataclass(frozen=True)

@@ -470,3 +470,31 @@ def test_latent_whitening_floor_caps_the_gain():
     cap = 1 / np.sqrt(4.0 * 1e-4)
     assert max(record["gain"]) == pytest.approx(cap, rel=1e-3)  # the noise-level directions stop at the floor
     assert record["gain"][0] == pytest.approx(1 / np.sqrt(1.0 + 1e-4), rel=0.1)  # the strong one goes to unit variance
+
+
+def test_remeasure_rewrites_the_figures_and_keeps_the_run_record(tmp_path):
+    """report --remeasure: new adherence/measured from the files, the old measurement kept
+    beside them, the run's own record untouched, nothing half-written left behind."""
+    import json
+
+    from sorakit.train.report import SHIPPED_DIR, remeasure
+
+    dest = tmp_path / "shapes"
+    dest.mkdir()
+    before = json.loads((SHIPPED_DIR / "training.json").read_text())
+    (dest / "training.json").write_text(json.dumps(before))
+    seen = []
+
+    def measure(d):
+        seen.append(d)
+        return {"colour_acc": 0.5, "direction_acc": 0.25, "both_acc": 0.125, "guidance_max_t": 640.0, "per_prompt": []}
+
+    rec = remeasure(measure, dest=dest)
+    assert seen == [dest]
+    on_disk = json.loads((dest / "training.json").read_text())
+    assert on_disk == rec and [p.name for p in dest.iterdir()] == ["training.json"]
+    assert rec["adherence"]["colour_acc"] == 0.5 and rec["adherence"]["guidance_max_t"] == 640.0
+    assert rec["adherence"]["steps"] == before["adherence"]["steps"]  # the protocol fields stay
+    assert rec["measured"]["direction_acc"] == 0.25
+    assert rec["measured_before"]["colour_acc"] == before["measured"]["colour_acc"]
+    assert rec["evals"] == before["evals"] and rec["config"] == before["config"]

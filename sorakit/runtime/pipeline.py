@@ -28,7 +28,15 @@ from sorakit.devices.profiles import DeviceProfile, get_profile, parse_bytes
 from sorakit.errors import SorakitError
 from sorakit.presets import ModelPreset, check_geometry, decode_chunks
 from sorakit.runtime.memory import available_memory
-from sorakit.runtime.sampler import LPL, SampleReport, initial_noise, rflow_sample, timestep_schedule, to_uint8_video
+from sorakit.runtime.sampler import (
+    LPL,
+    SampleReport,
+    first_guided_step,
+    initial_noise,
+    rflow_sample,
+    timestep_schedule,
+    to_uint8_video,
+)
 from sorakit.runtime.scheduler import BlockScheduler, SchedulerStats
 from sorakit.runtime.session import SessionFactory, SessionOptions, plan_providers
 from sorakit.tokenizer import PromptTokenizer
@@ -72,8 +80,7 @@ def leap_vs_guidance(lpl: LPL, ts: np.ndarray, guidance_max_t: float | None, cfg
     """A note when a fixed LPL leap sits badly against the guidance interval, else None."""
     if lpl.mode != "fixed" or guidance_max_t is None or cfg == 1:
         return None
-    guided = np.flatnonzero(ts <= guidance_max_t)
-    first = int(guided[0]) if guided.size else len(ts)
+    first = first_guided_step(ts, guidance_max_t)
     if first == 0:
         return None
     if lpl.leap_at < first:

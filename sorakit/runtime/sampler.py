@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sorakit.errors import SorakitError
-from sorakit.presets import SamplerConfig
+from sorakit.presets import SamplerConfig, guidance_scale
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -144,12 +144,11 @@ def rflow_sample(
     prev_v: np.ndarray | None = None
     best = np.full(n, -np.inf)
     patience = np.full(n, lpl.patience)
-    guided = SamplerConfig(cfg_scale=cfg_scale, guidance_max_t=guidance_max_t)
     for i, t in enumerate(timesteps):
         if active.size == 0:
             break
         za = z[active]
-        scale = np.float32(guided.guidance_at(float(t), cfg_scale))
+        scale = np.float32(guidance_scale(float(t), cfg_scale, guidance_max_t))
         report.cfg_scales.append(float(scale))
         if scale == 1:  # the prompt's velocity alone: the null-caption half is not computed
             v = model(za, np.full(active.size, t, dtype=np.float32), i, active)[:, :C].astype(np.float32)
@@ -193,6 +192,14 @@ def rflow_sample(
         if on_step is not None:
             on_step(i, report)
     return z, report
+
+
+def first_guided_step(timesteps: np.ndarray, guidance_max_t: float | None) -> int:
+    """Index of the first step inside the guidance interval (len(timesteps) if none is)."""
+    if guidance_max_t is None:
+        return 0
+    inside = np.flatnonzero(np.asarray(timesteps) <= guidance_max_t)
+    return int(inside[0]) if inside.size else len(timesteps)
 
 
 def to_uint8_video(video: np.ndarray) -> np.ndarray:

@@ -41,19 +41,10 @@ def adherence(
     return score_set(res.video, prompts), res.video
 
 
-def with_transform_base(models: TorchModels, base_resolution: int) -> TorchModels:
-    """The same weights sampled with another timestep-transform base resolution (diagnostic)."""
-    preset = dataclasses.replace(
-        models.preset, sampler=dataclasses.replace(models.preset.sampler, transform_base_resolution=base_resolution)
-    )
-    return dataclasses.replace(models, preset=preset)
-
-
-def with_guidance(models: TorchModels, guidance_max_t: float | None) -> TorchModels:
-    """The same weights sampled with another guidance interval (None: CFG at every step)."""
-    preset = dataclasses.replace(
-        models.preset, sampler=dataclasses.replace(models.preset.sampler, guidance_max_t=guidance_max_t)
-    )
+def with_sampler(models: TorchModels, **changes) -> TorchModels:
+    """The same weights sampled with other sampler settings (diagnostics), e.g.
+    ``transform_base_resolution=512**2`` or ``guidance_max_t=None`` (CFG at every step)."""
+    preset = dataclasses.replace(models.preset, sampler=dataclasses.replace(models.preset.sampler, **changes))
     return dataclasses.replace(models, preset=preset)
 
 
@@ -296,13 +287,13 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
     print("velocity cosine (mean over prompts) per step:", " ".join(f"{c:.3f}" for c in mean))
     cos_every, first_guided = None, None
     if models.preset.sampler.guidance_max_t is not None:
-        cos_every = velocity_cosines(with_guidance(models, None), list(EVAL_PROMPTS), EVAL_STEPS, EVAL_CFG, EVAL_SEED)
+        cos_every = velocity_cosines(with_sampler(models, guidance_max_t=None), list(EVAL_PROMPTS), EVAL_STEPS, EVAL_CFG, EVAL_SEED)
         print("  with CFG at every step:", " ".join(f"{c:.3f}" for c in cos_every.mean(axis=0)))
-        from sorakit.runtime.sampler import timestep_schedule
+        from sorakit.runtime.sampler import first_guided_step, timestep_schedule
 
-        H, W = models.preset.resolution
-        ts = timestep_schedule(models.preset.sampler, EVAL_STEPS, H, W, models.preset.latent_size(models.preset.num_frames, H, W)[0])
-        first_guided = int(np.flatnonzero(ts <= models.preset.sampler.guidance_max_t)[0])
+        sampler, (H, W) = models.preset.sampler, models.preset.resolution
+        ts = timestep_schedule(sampler, EVAL_STEPS, H, W, models.preset.latent_size(models.preset.num_frames, H, W)[0])
+        first_guided = first_guided_step(ts, sampler.guidance_max_t)
     out = {
         "colour_acc": score["colour_acc"],
         "direction_acc": score["direction_acc"],
@@ -330,14 +321,14 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
         out["direction_probe"] = direction_probe(models)
         print("direction probe (model vs data at t = 1000):", out["direction_probe"])
         if models.preset.sampler.guidance_max_t is not None:
-            for key, variant, scale in (("cfg_every_step", with_guidance(models, None), EVAL_CFG),
+            for key, variant, scale in (("cfg_every_step", with_sampler(models, guidance_max_t=None), EVAL_CFG),
                                         ("cfg_1", models, 1.0)):
                 s, _ = adherence(variant, cfg_scale=scale)
                 out[key] = {k: s[k] for k in ("colour_acc", "direction_acc", "single_object")}
                 print(f"{key}: colour {s['colour_acc']:.1%} direction {s['direction_acc']:.1%} "
                       f"single object {s['single_object']:.1%}")
         for base in (512 * 512, 256 * 256):
-            s, _ = adherence(with_transform_base(models, base))
+            s, _ = adherence(with_sampler(models, transform_base_resolution=base))
             out[f"transform_base_{int(base**0.5)}"] = {
                 "colour_acc": s["colour_acc"],
                 "direction_acc": s["direction_acc"],
