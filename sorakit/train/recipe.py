@@ -98,7 +98,7 @@ class RecipeConfig:
     text_lr: float = 2e-3
     freeze_text: bool = True  # keep the pre-trained T5 fixed while the DiT trains (Open-Sora's T5 is frozen too)
     # DiT + T5
-    dit_steps: int = 6400
+    dit_steps: int = 8800
     dit_batch: int = 24
     dit_lr: float = 8e-4
     dit_warmup: int = 200
