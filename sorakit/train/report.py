@@ -48,9 +48,10 @@ def with_sampler(models: TorchModels, **changes) -> TorchModels:
     return dataclasses.replace(models, preset=preset)
 
 
-def guidance_note() -> str:
-    g = shapes_preset().sampler.guidance_max_t
-    return f"CFG 7 at t ≤ {g:g}" if g is not None else "CFG 7"
+def guidance_note(models: TorchModels) -> str:
+    """How the evaluation guides these models: the CFG scale and, if set, the guidance interval."""
+    g = models.preset.sampler.guidance_max_t
+    return f"CFG {EVAL_CFG:g} at t ≤ {g:g}" if g is not None else f"CFG {EVAL_CFG:g}"
 
 
 def plot_velocity_cosine(
@@ -272,7 +273,7 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
 
     models = load_shipped(model_dir)
     score, videos = adherence(models)
-    print(f"adherence on {score['n']} prompts (30 steps, {guidance_note()}, seed 0):")
+    print(f"adherence on {score['n']} prompts (30 steps, {guidance_note(models)}, seed 0):")
     print(f"  colour {score['colour_acc']:.1%}  direction {score['direction_acc']:.1%}  both {score['both_acc']:.1%}")
     for key, what in STEADINESS:
         if score[key] is not None:
@@ -338,7 +339,7 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
             )
     if img:
         plot_velocity_cosine(
-            cos, img / "velocity_cosine.png", f"shapes model, 30 steps, {guidance_note()}: cos(v_i, v_i+1)",
+            cos, img / "velocity_cosine.png", f"shapes model, 30 steps, {guidance_note(models)}: cos(v_i, v_i+1)",
             cos_every, first_guided,
         )
         pick = [0, 1, 2, 3, 9, 14]
