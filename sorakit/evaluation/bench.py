@@ -117,10 +117,10 @@ def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = N
         "ort": {"bundle": str(bundles["fp32"])},
         "lpl": {"bundle": str(bundles["fp32"]), "lpl": str(s.leap_at)},
         "tdtm": {"bundle": str(bundles["tdtm"]), "tdtm_steps": s.tdtm_steps},
-        "cidl": {"bundle": str(bundles["fp32"]), "memory_budget": budget},
+        "cidl": {"bundle": str(bundles["fp32"]), "graph_budget": budget},
         "int8": {"bundle": str(bundles["tdtm_int8"])},
         "all": {"bundle": str(bundles["tdtm_int8"]), "lpl": str(s.leap_at), "tdtm_steps": s.tdtm_steps,
-                "memory_budget": budget},
+                "graph_budget": budget},
     }
     rows: dict[str, dict] = {}
     for rnd in range(s.rounds):
