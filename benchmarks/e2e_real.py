@@ -30,12 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-BUDGET = "3.3GB"  # the iPhone 15 Pro's usable memory in the On-device Sora paper
+from sorakit.evaluation.best import BEST, BUDGET
+
 DECIDING = ("torch-fp32", "torch-bf16", "best-3.3GB")
 
 
 def row_specs(bundle: str, prompt: str, steps: int, threads: int, leap: int, tdtm_steps: int, cache: float | None,
-              tokenizer: str, preset: str, geometry: list[int]) -> dict[str, tuple[str, dict]]:
+              tokenizer: str, preset: str, geometry: list[int]) -> dict[str, tuple[str, dict] | None]:
     """name -> (module, spec) of every row."""
     torch_row = {"in_turn": True, "preset": preset, "steps": steps, "prompt": prompt, "tokenizer": tokenizer,
                  "geometry": geometry, "threads": threads}
@@ -176,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default="a red circle moving right")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--leap", type=int, default=15, help="LPL: steps before the leap")
-    ap.add_argument("--tdtm-steps", type=int, default=10)
-    ap.add_argument("--step-cache", type=float, default=None, help="step-cache threshold of the cache and best rows")
+    ap.add_argument("--leap", type=int, default=int(BEST["lpl"]), help="LPL: steps before the leap")
+    ap.add_argument("--tdtm-steps", type=int, default=BEST["tdtm_steps"])
+    ap.add_argument("--step-cache", type=float, default=BEST["step_cache"],
+                    help="step-cache threshold of the cache and best rows (0: no cache)")
     ap.add_argument("--name", default="e2e-real", help="file stem of the outputs")
     args = ap.parse_args(argv)
     if args.rounds < 1:
