@@ -21,7 +21,7 @@ def run_row(spec: dict) -> dict:
     from sorakit.runtime.pipeline import Pipeline
 
     base = rss_bytes()
-    budget = spec.get("memory_budget") or "unlimited"
+    budget = spec.get("memory_budget", "unlimited")  # None: the device profile's budget
     if spec.get("graph_budget"):  # memory for the graphs, on top of what the process holds now
         budget = base + int(spec["graph_budget"])
     t_open = time.perf_counter()
