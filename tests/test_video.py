@@ -226,7 +226,8 @@ def test_emulation_prevention():
         assert mp4.unescape(esc) == raw
 
 
-@pytest.mark.parametrize("fps,rate", [(24, (24, 1)), (30000 / 1001, (30000, 1001)), (12.5, (25, 2)), (0.5, (1, 2))])
+@pytest.mark.parametrize("fps,rate", [(24, (24, 1)), (30000 / 1001, (30000, 1001)), (12.5, (25, 2)), (0.5, (1, 2)),
+                                      (np.float32(15), (15, 1)), (np.int64(8), (8, 1))])
 def test_frame_rates(tmp_path, fps, rate):
     assert mp4.fps_fraction(fps) == Fraction(*rate)
     path = save_video(np.zeros((3, 4, 6, 3), np.uint8), tmp_path / "v.mp4", fps=fps)

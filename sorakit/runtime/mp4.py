@@ -218,7 +218,7 @@ def level_for(geom: Geometry, fps: float) -> int:
 
 def fps_fraction(fps: float) -> Fraction:
     """The frame rate as a fraction: 24 -> 24/1, 29.97002997 (30000/1001) -> 30000/1001, 12.5 -> 25/2."""
-    f = Fraction(fps).limit_denominator(1001)
+    f = Fraction(float(fps)).limit_denominator(1001)  # float(): numpy floats other than float64 are no Rational
     if f <= 0 or f.numerator * 2 >= 1 << 32:
         raise ValueError(f"frame rate {fps} cannot be stored")
     return f
