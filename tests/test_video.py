@@ -265,6 +265,7 @@ def test_bad_fps(tmp_path, fps, monkeypatch):
     (np.zeros((2, 0, 4, 3), np.uint8), "height and width must be at least 1"),
     (np.zeros((2, 4, 0, 3), np.uint8), "height and width must be at least 1"),
     (np.zeros((1, 1, 70000, 3), np.uint8), "too large"),
+    ([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 6, 3), np.uint8)], "of one size"),
 ])
 @pytest.mark.parametrize("suffix", [".mp4", ".gif"])
 def test_bad_frames(tmp_path, frames, message, suffix):
@@ -282,7 +283,10 @@ def test_bad_paths(tmp_path):
         save_video(frames, tmp_path / "missing" / "v.mp4")
     with pytest.raises(SorakitError, match=r"cannot write v\.avi: use a \.mp4 or \.gif file name"):
         save_video(frames, tmp_path / "v.avi")
-    assert [p.name for p in tmp_path.iterdir()] == ["d.mp4"] and not any((tmp_path / "d.mp4").iterdir())
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(SorakitError, match="f is not a directory"):
+        save_video(frames, tmp_path / "f" / "v.mp4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.mp4", "f"] and not any((tmp_path / "d.mp4").iterdir())
     with pytest.raises(SorakitError, match="no such file"):
         read_video(tmp_path / "nothing.mp4")
 
@@ -326,6 +330,17 @@ def test_foreign_mp4_falls_back_to_imageio(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"not a video at all")
     with pytest.raises(SorakitError, match="cannot read junk.mp4 as a video"):
         read_video(tmp_path / "junk.mp4")
+
+
+def test_truncated_file_is_an_error_not_a_partial_video(tmp_path):
+    path = save_video(_frames(4, 16, 16)[0], tmp_path / "v.mp4")
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(SorakitError, match=r"v.mp4: the file is truncated or damaged \(frame 4 of 4 lies past"):
+        read_video(path)
+    path.write_bytes(data[:300])  # inside the moov box
+    with pytest.raises(SorakitError, match="truncated or damaged"):
+        read_video(path)
 
 
 BLOCK_IMAGING = textwrap.dedent("""

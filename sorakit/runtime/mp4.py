@@ -76,6 +76,10 @@ class NotOurMp4(Exception):
     """The file is not an MP4 this module can read (not I_PCM H.264, or not an MP4 at all)."""
 
 
+class DamagedMp4(Exception):
+    """The file is an MP4 whose boxes or samples run past its end (a truncated or damaged file)."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # colour conversion
 
@@ -691,12 +695,12 @@ def _boxes(buf: memoryview, start: int, end: int):
         head = 8
         if size == 1:
             if pos + 16 > end:
-                raise NotOurMp4("truncated box")
+                raise DamagedMp4("a box runs past the end of the file")
             size, head = struct.unpack_from(">Q", buf, pos + 8)[0], 16
         elif size == 0:
             size = end - pos
         if size < head or pos + size > end:
-            raise NotOurMp4("truncated or malformed MP4 box")
+            raise DamagedMp4("a box runs past the end of the file" if pos + size > end else "a malformed box")
         yield kind, pos + head, pos + size
         pos += size
 
@@ -711,7 +715,15 @@ def _child(buf: memoryview, start: int, end: int, kind: bytes) -> tuple[int, int
 def read_mp4(path: str | Path) -> Mp4Video:
     """Decode an MP4 whose video is CAVLC H.264 made of I_PCM macroblocks (what ``write_mp4`` writes).
 
-    Raises NotOurMp4 for anything else (the caller falls back to a general decoder)."""
+    Raises NotOurMp4 for anything else (the caller falls back to a general decoder) and DamagedMp4 for a
+    truncated file."""
+    try:
+        return _read_mp4(path)
+    except (struct.error, IndexError, ValueError) as e:  # a field or table cut short
+        raise NotOurMp4(f"malformed MP4: {e}") from e
+
+
+def _read_mp4(path: str | Path) -> Mp4Video:
     with open(path, "rb") as fh:
         buf = memoryview(fh.read())
     if len(buf) < 8 or struct.unpack_from(">4s", buf, 4)[0] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
@@ -776,7 +788,7 @@ def read_mp4(path: str | Path) -> Mp4Video:
                 break
             end = off + int(sizes[sample])
             if end > len(buf):
-                raise NotOurMp4("a sample lies outside the file")
+                raise DamagedMp4(f"frame {sample + 1} of {n_samples} lies past the end of the file")
             p = off
             while p < end:
                 n = int.from_bytes(buf[p:p + length_size], "big")

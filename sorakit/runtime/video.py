@@ -44,13 +44,18 @@ def check_video_target(path: str | Path, fps: float = 24) -> Path:
         raise SorakitError(f"cannot write {path}: it is a directory; give a file name ending in {suffix}")
     if not path.parent.exists():
         raise SorakitError(f"output directory {path.parent} does not exist")
+    if not path.parent.is_dir():
+        raise SorakitError(f"cannot write {path}: {path.parent} is not a directory")
     if suffix == ".gif":
         _pillow("writing .gif files")
     return path
 
 
 def _check_frames(frames) -> np.ndarray:
-    frames = np.asarray(frames)
+    try:
+        frames = np.asarray(frames)
+    except ValueError as e:  # e.g. a list of frames of different sizes
+        raise SorakitError(f"expected uint8 frames [F, H, W, 3] of one size: {e}") from None
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise SorakitError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {frames.shape}")
     if frames.shape[0] == 0:
@@ -114,7 +119,7 @@ def read_video(path: str | Path) -> np.ndarray:
     MP4 files written by ``save_video`` are decoded here with numpy alone; GIFs need Pillow; other
     videos are handed to imageio (which needs imageio-ffmpeg for MP4).
     """
-    from sorakit.runtime.mp4 import NotOurMp4, read_mp4
+    from sorakit.runtime.mp4 import DamagedMp4, NotOurMp4, read_mp4
 
     path = Path(path)
     if not path.is_file():
@@ -129,6 +134,8 @@ def read_video(path: str | Path) -> np.ndarray:
         return np.stack(frames)
     try:
         return read_mp4(path).frames
+    except DamagedMp4 as e:
+        raise SorakitError(f"cannot read {path.name}: the file is truncated or damaged ({e})") from None
     except NotOurMp4:
         pass
     try:
