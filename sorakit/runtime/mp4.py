@@ -12,8 +12,9 @@ Details:
 
 - SPS: ``pic_order_cnt_type`` 2 (output order = decoding order), 4-bit ``frame_num`` (always 0: every picture
   is an IDR), one reference frame; the level is the smallest whose frame size, dimensions and macroblock rate
-  fit (Table A-1). I_PCM's bit rate (~3,100 bits per macroblock) exceeds every level's MaxBR and MinCR;
-  decoders do not enforce those limits.
+  fit (Table A-1; level 6.2 if none does). I_PCM's bit rate (~3,100 bits per macroblock) is far above the
+  chosen level's MaxBR and MinCR limits (64x64 at 24 fps: 1.2 Mbit/s at level 1, whose MaxBR is 64 kbit/s);
+  decoders do not enforce those limits, and a level chosen by bit rate would claim a much larger decoder.
 - VUI: square pixels; limited range; matrix BT.601 (``matrix_coefficients`` 6), the matrix used below;
   primaries and transfer BT.709 (1/1): the frames are sRGB, whose primaries are BT.709's, and the BT.709
   and BT.601 transfer functions are the same, so this describes the pixels exactly; chroma sited at the
@@ -22,8 +23,9 @@ Details:
 - PPS: CAVLC, ``deblocking_filter_control_present_flag`` 1; every slice sets ``disable_deblocking_filter_idc``
   1 (with I_PCM's QP of 0 the filter would change nothing anyway).
 - Slices: IDR (``nal_unit_type`` 5), ``idr_pic_id`` alternating 0/1 so that consecutive IDRs differ.
-- PCM samples are never 0 (the 2003 edition of H.264 forbade 0; later ones allow it): limited range keeps
-  every sample in 16..240, which also means the PCM bytes can never form a start-code prefix. Emulation
+- PCM samples are never 0 (the first, 2003, edition of H.264 did not allow PCM samples of 0; later editions
+  appear to have dropped the rule, but 16..240 complies with either): limited range keeps every
+  sample in 16..240, which also means the PCM bytes can never form a start-code prefix. Emulation
   prevention is applied to every NAL unit all the same.
 
 **Container.** ISO BMFF: ``ftyp`` (isom, iso2, avc1, mp41), then ``moov`` before ``mdat`` so that players can
