@@ -36,14 +36,11 @@ def generate(
     """Generate a video from a text prompt."""
     from sorakit.runtime.pipeline import Pipeline
     from sorakit.runtime.sampler import LPL
-    from sorakit.runtime.video import save_video
+    from sorakit.runtime.video import check_video_target, save_video
 
     if not prompt.strip():
         raise SorakitError("the prompt is empty; describe the video to generate")
-    if out.suffix.lower() not in (".mp4", ".gif"):
-        raise SorakitError(f"cannot write {out.name}: use a .mp4 or .gif file name")
-    if not out.parent.exists():
-        raise SorakitError(f"output directory {out.parent} does not exist")
+    check_video_target(out, fps)  # the file name, its directory, the frame rate (and Pillow for .gif): before any work
     LPL.parse(lpl)  # fail on a bad setting before loading anything
     using_default = bundle is None
     if using_default:
