@@ -41,7 +41,7 @@ def row_specs(bundle: str, prompt: str, steps: int, threads: int, leap: int, tdt
     torch_row = {"in_turn": True, "preset": preset, "steps": steps, "prompt": prompt, "tokenizer": tokenizer,
                  "geometry": geometry, "threads": threads}
     base = {"bundle": bundle, "prompt": prompt, "steps": steps, "threads": threads, "warmup": False,
-            "device": "cpu", "precision": "fp32", "text_tokens": False}
+            "count_open": True, "device": "cpu", "precision": "fp32", "text_tokens": False}
     best = {**base, "device": "cpu-bf16", "precision": None, "text_tokens": True, "lpl": str(leap),
             "tdtm_steps": tdtm_steps, **({"step_cache": cache} if cache else {})}
     row = "sorakit.evaluation.row"
