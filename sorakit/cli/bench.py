@@ -56,7 +56,7 @@ def evaluate(
     seeds: Annotated[int, typer.Option(help="Seeds per prompt")] = 1,
     lpl: Annotated[str, typer.Option(help="LPL settings to compare, comma-separated")] = "10,15,20,25,dynamic",
     tdtm: Annotated[str, typer.Option(help="TDTM merge-step counts to compare, comma-separated")] = "5,10,15,20,25,30",
-    precisions: Annotated[str, typer.Option(help="Precisions to compare: fp16,int8")] = "fp16,int8",
+    precisions: Annotated[str | None, typer.Option(help="Precisions to compare: fp16,int8,bf16 (bf16: OpenVINO; default: all three where OpenVINO is installed)")] = None,
     adherence: Annotated[bool | None, typer.Option("--adherence/--no-adherence",
                                                    help="Score the 24 adherence prompts (default: on for the shipped model)")] = None,
     work: Annotated[Path | None, typer.Option(help="Keep the optimised variant bundles here")] = None,
@@ -83,13 +83,17 @@ def evaluate(
         s.tdtm = [int(x) for x in tdtm.split(",") if x.strip()]
     except ValueError:
         raise SorakitError(f"--tdtm expects step counts like 5,10,15, got {tdtm!r}") from None
+    if precisions is None:
+        import importlib.util
+
+        precisions = "fp16,int8" + (",bf16" if importlib.util.find_spec("openvino") else "")
     s.precisions = [x.strip() for x in precisions.split(",") if x.strip()]
-    bad = [p for p in s.precisions if p not in ("fp16", "int8")]
+    bad = [p for p in s.precisions if p not in ("fp16", "int8", "bf16")]
     if bad:
-        raise SorakitError(f"unknown precision {bad[0]!r}; use fp16 and/or int8")
+        raise SorakitError(f"unknown precision {bad[0]!r}; use fp16, int8 and/or bf16")
     s.adherence = is_default if adherence is None else adherence
     s.adherence_rows = [r for r in s.adherence_rows if r in ("reference", "cfg every step") or
-                        r.split()[0] in ("lpl", "tdtm") or r in s.precisions]
+                        r.split()[0] in ("lpl", "tdtm") or r in s.precisions or r.startswith("cache ")]
     if cfg_max_t is not None and not cfg_max_t > 0:
         raise SorakitError(f"--cfg-max-t must be a positive timestep (1000 = guidance at every step), got {cfg_max_t}")
     s.cfg_max_t = cfg_max_t

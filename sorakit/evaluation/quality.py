@@ -161,7 +161,10 @@ def run_eval(bundle: str | Path, settings: EvalSettings, work: Path | None = Non
         pipes.append(p)
     for prec in settings.precisions:
         say(prec)
-        p = warm(Pipeline.from_bundle(variant([prec]), memory_budget="unlimited"))
+        if prec == "bf16":  # OpenVINO computing in bf16 on the bundle as it is
+            p = warm(Pipeline.from_bundle(bundle, device="cpu-bf16", precision="bf16", memory_budget="unlimited"))
+        else:
+            p = warm(Pipeline.from_bundle(variant([prec]), memory_budget="unlimited"))
         got, t, calls, _ = _videos(p, settings)
         rows[prec] = _row(prec, ref, got, t_ref, t, calls)
         outputs[prec] = got
@@ -221,6 +224,8 @@ def adherence(base, settings: EvalSettings, rows: dict, work: Path, variant, say
         elif name.startswith("tdtm "):
             pipe = Pipeline.from_bundle(variant(["tdtm"]), memory_budget="unlimited")
             kw["tdtm_steps"] = int(name.split()[1])
+        elif name == "bf16":
+            pipe = Pipeline.from_bundle(base.bundle.root, device="cpu-bf16", precision="bf16", memory_budget="unlimited")
         elif name in ("fp16", "int8"):
             pipe = Pipeline.from_bundle(variant([name]), memory_budget="unlimited")
         elif name.startswith("cache "):
