@@ -89,6 +89,17 @@ def run_row(spec: dict) -> dict:
 
 
 
+def text_encoder_pieces(preset, seed: int):
+    """Builders of the text encoder's pieces in order (embedding, layers, final norm), each with
+    the deterministic random weights of the whole model (the exporter's pieces and recipe)."""
+    from sorakit.export.exporter import WeightSource, build_piece
+    from sorakit.export.pieces import text_encoder_plan
+
+    source = WeightSource("text_encoder", preset, None, seed)
+    geo = {"batch": 1, "static": True}
+    return [lambda spec=spec: build_piece(spec, source, spec.name) for spec in text_encoder_plan(preset, geo)]
+
+
 @torch.no_grad()
 def run_in_turn(spec: dict) -> dict:
     """The whole pipeline with the components loaded in turn (the real model does not fit at
@@ -122,16 +133,31 @@ def run_in_turn(spec: dict) -> dict:
         return m
 
     t_all = time.perf_counter()
-    # 1. text encoder, at the tokenizer's full padded length (Open-Sora's T5 call)
-    te = build("text_encoder")
+    # 1. text encoder, at the tokenizer's full padded length (Open-Sora's T5 call). T5-XXL in fp32
+    # (19 GB) does not fit beside anything else in 24 GiB, so its layers are made, run and freed
+    # one after another: the same modules and arithmetic, only never all in memory at once
     tok = PromptTokenizer(spec["tokenizer"], preset.t5.max_length)
     batch = tok([spec["prompt"] + preset.prompt_suffix])
-    t0 = time.perf_counter()
-    y = te(input_ids=torch.from_numpy(batch.ids), attention_mask=torch.from_numpy(batch.mask)).last_hidden_state
-    secs["text_encoder"] = time.perf_counter() - t0
-    y, mask = y[:, None].float(), torch.from_numpy(batch.mask)
-    del te
-    gc.collect()
+    secs["text_encoder"] = init["text_encoder"] = 0.0
+
+    def run_piece(make, *args):
+        t0 = time.perf_counter()
+        module = make().to(dtype)
+        init["text_encoder"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = module(*args)
+        secs["text_encoder"] += time.perf_counter() - t0
+        del module
+        gc.collect()
+        return out
+
+    embed, *layers, final = text_encoder_pieces(preset, seed_w)
+    hidden, bias = run_piece(embed, torch.from_numpy(batch.ids), torch.from_numpy(batch.mask))
+    bias = bias.to(dtype)
+    for layer in layers:
+        hidden = run_piece(layer, hidden.to(dtype), bias)
+    text = run_piece(final, hidden.to(dtype))
+    y, mask = text[:, None].float(), torch.from_numpy(batch.mask)
     # 2. transformer: 30 steps, CFG at every step (the preset's sampler)
     held = {"transformer": build("transformer")}
     y_all = torch.cat([y, held["transformer"].y_embedder.y_embedding[None, None].float()])
