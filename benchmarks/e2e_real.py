@@ -200,11 +200,39 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"{args.name}.json"
     old = json.loads(path.read_text()) if args.rows and path.is_file() else {}
     rows: dict[str, dict] = {k: v for k, v in old.get("rows", {}).items() if k not in names}
+
+    def write() -> None:
+        order = [n for n in specs if n in rows]
+        ordered = {n: rows[n] for n in order}
+        from sorakit.units import parse_bytes
+
+        result = {
+            "command": "python -m benchmarks.e2e_real " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+            "bundle": args.bundle, "geometry": f"{geometry[0]}x{geometry[1]}, {geometry[2]} frames",
+            "prompt": args.prompt, "steps": args.steps, "threads": args.threads, "rounds": args.rounds,
+            "budget_bytes": parse_bytes(BUDGET),
+            "rows": ordered,
+        }
+        result["derived"] = derive(ordered)
+        result.update({k: result["derived"][k] for k in ("speedup_vs_torch_fp32", "speedup_vs_torch_bf16")
+                       if k in result["derived"]})
+        if "best-3.3GB" in ordered:
+            result["best_3_3gb_peak_rss_bytes"] = ordered["best-3.3GB"]["peak_rss_bytes"]
+        path.write_text(json.dumps(result, indent=1))
+        (args.out / f"{args.name}.md").write_text(markdown(result, result["command"]))
+        chart(result, args.out / f"{args.name}.png")
+
     rounds_s: dict[str, list[float]] = {}
+    failed: list[str] = []
     for i, name in enumerate(schedule(names, args.rounds)):
         module, spec = specs[name]
         print(f"[{i + 1}] {name} ...", flush=True)
-        r = run_child(module, spec)
+        try:
+            r = run_child(module, spec)
+        except SystemExit as exc:  # one failed row does not cost the others
+            print(f"    failed: {exc}", flush=True)
+            failed.append(name)
+            continue
         rounds_s.setdefault(name, []).append(r["seconds"]["total"])
         print(f"    {r['seconds']['total']:.1f} s (text {r['seconds']['text_encoder']:.1f}, transformer "
               f"{r['seconds']['transformer']:.1f}, VAE {r['seconds']['vae']:.1f}), peak {r['peak_rss_bytes'] / 1e9:.2f} GB",
@@ -213,27 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             peak = max(r["peak_rss_bytes"], rows.get(name, {}).get("peak_rss_bytes", 0))
             rows[name] = {**r, "peak_rss_bytes": peak}  # memory: the worst round
         rows[name]["rounds_total_s"] = rounds_s[name]
-    order = [n for n in specs if n in rows]
-    rows = {n: rows[n] for n in order}
-    from sorakit.units import parse_bytes
-
-    result = {
-        "command": "python -m benchmarks.e2e_real " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "bundle": args.bundle, "geometry": f"{geometry[0]}x{geometry[1]}, {geometry[2]} frames",
-        "prompt": args.prompt, "steps": args.steps, "threads": args.threads, "rounds": args.rounds,
-        "budget_bytes": parse_bytes(BUDGET),
-        "rows": rows,
-    }
-    result["derived"] = derive(rows)
-    result.update({k: result["derived"][k] for k in ("speedup_vs_torch_fp32", "speedup_vs_torch_bf16")
-                   if k in result["derived"]})
-    if "best-3.3GB" in rows:
-        result["best_3_3gb_peak_rss_bytes"] = rows["best-3.3GB"]["peak_rss_bytes"]
-    path.write_text(json.dumps(result, indent=1))
-    (args.out / f"{args.name}.md").write_text(markdown(result, result["command"]))
-    chart(result, args.out / f"{args.name}.png")
+        write()  # after every row: a long run stopped midway keeps what it measured
     print(f"wrote {path}, {args.name}.md, {args.name}.png")
-    return 0
+    if failed:
+        print(f"failed rows: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
