@@ -103,7 +103,7 @@ def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = N
 
     bundles = {"fp32": bundle, "tdtm": variant_bundle(bundle, work, ["tdtm"], progress, applied),
                "tdtm_int8": variant_bundle(bundle, work, ["tdtm", "int8"], progress, applied),
-               "best": variant_bundle(bundle, work, ["tdtm", *BEST["passes"]], progress, applied,
+               "best": variant_bundle(bundle, work, BEST["passes"], progress, applied,
                                       settings=BEST["pass_settings"])}
     transformer_bytes = sum(m.files[f]["bytes"] for g in m.components["transformer"].graphs for f in g.files())
     budget = int(settings.budget_fraction * transformer_bytes)
