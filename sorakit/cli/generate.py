@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from sorakit.cli._common import DeviceOpt, JsonOpt, console, err_console, print_json, progress_bar
-from sorakit.errors import SorakitError
+from sorakit.cli._common import DeviceOpt, JsonOpt, console, note, print_json, progress_bar
 from sorakit.units import human_bytes
+from sorakit.validate import output_file
 
 
 def generate(
@@ -24,6 +24,7 @@ def generate(
     lpl: Annotated[str, typer.Option(help="Linear Proportional Leap: off, N (N steps then a leap), dynamic[:start=14,tol=1e-3,patience=3]")] = "off",
     tdtm_steps: Annotated[int, typer.Option(help="Use the TDTM (token-merged) blocks for the first N steps")] = 0,
     memory_budget: Annotated[str | None, typer.Option(help="Memory for model blocks, e.g. 2GB, 40% or unlimited (default: the device's)")] = None,
+    force_budget: Annotated[bool, typer.Option("--force-budget", help="Accept a --memory-budget above this machine's physical memory")] = False,
     device: DeviceOpt = "cpu",
     strict: Annotated[bool, typer.Option(help="Refuse to fall back from the device's execution provider")] = False,
     threads: Annotated[int | None, typer.Option(help="Intra-op threads per session (default: the device's)")] = None,
@@ -33,24 +34,21 @@ def generate(
 ) -> None:
     """Generate a video from a text prompt."""
     from sorakit.runtime.pipeline import Pipeline
-    from sorakit.runtime.sampler import LPL
+    from sorakit.runtime.validate import VIDEO_SUFFIXES, cli_options
     from sorakit.runtime.video import save_video
 
-    if not prompt.strip():
-        raise SorakitError("the prompt is empty; describe the video to generate")
-    if out.suffix.lower() not in (".mp4", ".gif"):
-        raise SorakitError(f"cannot write {out.name}: use a .mp4 or .gif file name")
-    if not out.parent.exists():
-        raise SorakitError(f"output directory {out.parent} does not exist")
-    LPL.parse(lpl)  # fail on a bad setting before loading anything
+    # every option is checked before anything is loaded (the same checks run in the library)
+    opts = cli_options(prompt=prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl,
+                       tdtm_steps=tdtm_steps, threads=threads, fps=fps, memory_budget_=memory_budget,
+                       force_budget=force_budget, out=out)
     using_default = bundle is None
     if using_default:
         from sorakit.runtime.default_model import default_bundle
 
-        bundle = default_bundle(notice=lambda msg: err_console.print(f"note: {msg}", highlight=False, markup=False))
+        bundle = default_bundle(notice=note)
 
-    pipe = Pipeline.from_bundle(bundle, device=device, memory_budget=memory_budget, strict=strict,
-                                threads=threads, prefetch=prefetch)
+    pipe = Pipeline.from_bundle(bundle, device=device, memory_budget=opts["memory_budget"], strict=strict,
+                                threads=threads, prefetch=prefetch, force_budget=force_budget)
     with progress_bar() as bar:
         tasks = {}
 
@@ -61,8 +59,9 @@ def generate(
             bar.update(tasks[p.stage], completed=p.index, total=p.total)
 
         result = pipe(prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl, tdtm_steps=tdtm_steps, callback=on_progress)
-    save_video(result.frames, out, fps=fps)
     pipe.close()
+    output_file(out, VIDEO_SUFFIXES, "--out")  # still writable after the run (it may have changed meanwhile)
+    save_video(result.frames, out, fps=fps)
     notes = list(result.notes)
     if using_default and any("unknown to the tokenizer" in n for n in notes):
         from sorakit.runtime.default_model import DEFAULT_MODEL_NOTE
@@ -85,7 +84,7 @@ def generate(
         print_json(summary)
         return
     for n in notes:
-        err_console.print(f"[yellow]note:[/] {n}", highlight=False)
+        note(n)
     t = result.timings
     table = Table(title=f"wrote {out}  ({result.frames.shape[0]} frames, {result.frames.shape[2]}x{result.frames.shape[1]})")
     table.add_column("component")

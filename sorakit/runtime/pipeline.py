@@ -28,6 +28,7 @@ from sorakit.errors import SorakitError
 from sorakit.memory import available_memory
 from sorakit.presets import ModelPreset, check_geometry, decode_chunks
 from sorakit.profiles import DeviceProfile, get_profile
+from sorakit.runtime import validate
 from sorakit.runtime.sampler import (
     LPL,
     SampleReport,
@@ -40,7 +41,6 @@ from sorakit.runtime.sampler import (
 from sorakit.runtime.scheduler import BlockScheduler, SchedulerStats
 from sorakit.runtime.session import SessionFactory, SessionOptions, plan_providers
 from sorakit.tokenizer import PromptTokenizer
-from sorakit.units import parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class Pipeline:
         threads: int | None = None,
         prefetch: bool = True,
         verify: bool = True,
+        force_budget: bool = False,
     ):
         self.bundle = bundle
         m = bundle.manifest
@@ -114,7 +115,7 @@ class Pipeline:
         self.providers = plan_providers(self.profile, strict)
         threads = self.profile.threads if threads is None else threads
         self.factory = SessionFactory(self.providers, SessionOptions(threads=threads, strict=strict))
-        self.budget = self._budget(memory_budget)
+        self.budget = self._budget(memory_budget, force_budget)
         self.scheduler = BlockScheduler(bundle, self.factory, self.budget, prefetch)
         missing = [c for c in ("text_encoder", "transformer", "vae") if c not in m.components]
         if missing:
@@ -128,7 +129,7 @@ class Pipeline:
         self.scheduler.check_budget(m.all_graphs())
         tok = m.tokenizer
         self.tokenizer = PromptTokenizer(bundle.path(tok["file"]), tok["max_length"], tok["pad_id"], tok["eos_id"])
-        self.null_caption = np.load(bundle.path(m.null_caption["file"])).astype(np.float32)
+        self.null_caption = bundle.load_array(m.null_caption["file"], m.null_caption.get("shape"))
         emb = m.components["text_encoder"].info.get("embedding_file")
         self.embedding = np.load(bundle.path(emb), mmap_mode="r") if emb else None
 
@@ -142,21 +143,24 @@ class Pipeline:
         threads: int | None = None,
         prefetch: bool = True,
         verify: bool = True,
+        force_budget: bool = False,
     ) -> Pipeline:
         """Open a bundle directory; checksums are verified before any work unless ``verify=False``.
 
         ``device`` names a profile (cpu, iphone-15-pro, mac, android); ``memory_budget`` is
         bytes or a string like "2GB" or "40%" (of available memory), default the profile's;
-        "unlimited" keeps every graph resident.
+        "unlimited" keeps every graph resident; a budget above physical memory needs ``force_budget``.
+        Every argument is checked first (``sorakit.runtime.validate``).
         """
-        return cls(Bundle.open(path, verify="lazy"), device, memory_budget, strict, threads, prefetch, verify)
+        path, device, memory_budget, strict, threads, prefetch, verify = validate.open_args(
+            path, device, memory_budget, strict, threads, prefetch, verify, force_budget)
+        return cls(Bundle.open(path, verify="lazy"), device, memory_budget, strict, threads, prefetch, verify, True)
 
-    def _budget(self, spec: str | int | None) -> int | None:
-        if spec in ("unlimited", "none", 0):
-            return None
+    def _budget(self, spec: str | int | None, force: bool = False) -> int | None:
+        spec = validate.memory_budget(spec, force)
         if spec is None:
             return self.profile.budget_bytes(available_memory())
-        return parse_bytes(spec, available_memory())
+        return None if spec == "unlimited" else spec
 
     # -- geometry -------------------------------------------------------------------------------
     def _geometry(self, height, width, num_frames) -> tuple[int, int, int]:
@@ -349,25 +353,13 @@ class Pipeline:
         ``tdtm_steps``: the first m steps use the TDTM block variants (needs ``sorakit optimize
         --passes tdtm``). ``noise`` overrides the seeded initial latent.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise SorakitError("the prompt is empty; describe the video to generate")
-        height, width, num_frames = self._geometry(height, width, num_frames)
-        sampler = ModelPreset.from_dict(self.manifest.preset).sampler
-        steps = steps or int(self.manifest.sampler.get("num_steps", sampler.num_steps))
-        cfg = float(self.manifest.sampler.get("cfg_scale", sampler.cfg_scale) if cfg is None else cfg)
-        if cfg_max_t is None:
-            cfg_max_t = self.manifest.sampler.get("guidance_max_t", sampler.guidance_max_t)
-        if cfg_max_t is not None and not cfg_max_t > 0:
-            raise SorakitError(f"cfg_max_t must be a positive timestep (1000 = guidance at every step), got {cfg_max_t}")
-        if steps < 1:
-            raise SorakitError(f"steps must be at least 1, got {steps}")
-        if tdtm_steps < 0 or tdtm_steps > steps:
-            raise SorakitError(f"tdtm_steps must be in [0, {steps}], got {tdtm_steps}")
-        lpl = lpl if isinstance(lpl, LPL) else LPL.parse(lpl)
-        lpl.validate(steps)
-        if tdtm_steps:
-            self._blocks(True)
+        a = validate.generation_args(self, prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl,
+                                     tdtm_steps=tdtm_steps, height=height, width=width, num_frames=num_frames,
+                                     noise=noise, callback=callback)
+        prompts, steps, cfg, cfg_max_t, seed, lpl, tdtm_steps = (a.prompts, a.steps, a.cfg, a.cfg_max_t, a.seed, a.lpl,
+                                                                 a.tdtm_steps)
+        height, width, num_frames, noise, callback = a.height, a.width, a.num_frames, a.noise, a.callback
+        sampler = self.preset.sampler
         notes = list(self.providers.fallbacks)
         timings = Timings()
         t_start = time.perf_counter()
@@ -387,9 +379,7 @@ class Pipeline:
 
             # 2. denoise
             shape = (len(prompts), self.preset.stdit.in_channels, *self.preset.latent_size(num_frames, height, width))
-            z = initial_noise(seed, shape) if noise is None else np.asarray(noise, dtype=np.float32)
-            if z.shape != shape:
-                raise SorakitError(f"noise has shape {z.shape}, expected {shape}")
+            z = initial_noise(seed, shape) if noise is None else noise
             ts = timestep_schedule(sampler, steps, height, width, shape[2])
             note = leap_vs_guidance(lpl, ts, cfg_max_t, cfg)
             if note:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from sorakit.errors import ProviderError
+from sorakit.errors import BundleError, ProviderError
 from sorakit.profiles import DeviceProfile
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,14 @@ class SessionFactory:
         so = so or self.options()
         names = [n for n, _ in self.plan.selected]
         opts = [o for _, o in self.plan.selected]
-        sess = ort.InferenceSession(str(path), so, providers=names, provider_options=opts)
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=names, provider_options=opts)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (Fail, InvalidProtobuf, ...)
+            detail = " ".join(str(e).split())[:400]
+            raise BundleError(f"ONNX Runtime cannot load {path.parent.name}/{path.name}: {detail}",
+                              hint="the graph is damaged or not for this onnxruntime; re-export the bundle") from e
         if self.defaults.strict:
             sess.disable_fallback()
             missing = [n for n in names if n not in sess.get_providers()]
