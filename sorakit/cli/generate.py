@@ -40,7 +40,7 @@ def generate(
     # every option is checked before anything is loaded (the same checks run in the library)
     opts = cli_options(prompt=prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl,
                        tdtm_steps=tdtm_steps, threads=threads, fps=fps, memory_budget_=memory_budget,
-                       force_budget=force_budget, out=out)
+                       force_budget=force_budget, out=out, device=device)
     using_default = bundle is None
     if using_default:
         from sorakit.runtime.default_model import default_bundle

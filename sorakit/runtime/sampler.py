@@ -121,7 +121,7 @@ class LPL:
                     hint=f"use e.g. dynamic:start={max(1, num_steps // 2)},patience=1, or more steps")
 
 
-_ASCII_INT = re.compile(r"[0-9]+")
+_ASCII_INT = re.compile(r"[0-9]{1,9}")  # (more digits than any schedule, and int() of huge strings is slow)
 _ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 

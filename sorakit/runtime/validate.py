@@ -93,7 +93,8 @@ def lpl_setting(spec: Any, steps: int | None = None, name: str = "lpl") -> LPL:
 
 def cli_options(*, prompt: Any = "x", steps: Any = None, cfg: Any = None, cfg_max_t: Any = None, seed: Any = 0,
                 lpl: Any = None, tdtm_steps: Any = 0, threads: Any = None, fps: Any = 24, memory_budget_: Any = None,
-                force_budget: bool = False, out: Any = None, name: Callable[[str], str] = cli_flag) -> dict[str, Any]:
+                force_budget: bool = False, out: Any = None, device: str | None = None,
+                name: Callable[[str], str] = cli_flag) -> dict[str, Any]:
     """Everything `sorakit generate` can check before it opens a bundle, under the options' names.
 
     Returns the normalised values (``memory_budget`` in bytes or "unlimited")."""
@@ -108,6 +109,10 @@ def cli_options(*, prompt: Any = "x", steps: Any = None, cfg: Any = None, cfg_ma
     ok["fps"] = v.fps(fps, name("fps"))
     ok["memory_budget"] = memory_budget(memory_budget_, force_budget, name("memory_budget"))
     ok["out"] = None if out is None else v.output_file(out, VIDEO_SUFFIXES, name("out"))
+    if device is not None:
+        from sorakit.profiles import get_profile
+
+        ok["device"] = get_profile(device)
     return ok
 
 
