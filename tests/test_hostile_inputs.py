@@ -527,3 +527,14 @@ def test_budget_error_is_still_a_budget_error(tiny_bundle):
         Pipeline.from_bundle(tiny_bundle[0], memory_budget="1MB")
     with pytest.raises(BundleError, match="is a file, not a bundle directory"):
         Pipeline.from_bundle(tiny_bundle[0] / "manifest.json")
+
+
+def test_file_size_limit_during_export_is_one_error_line(workdir):
+    """EFBIG (a `ulimit -f` reached mid-export) is reported like a full disk, not as a traceback."""
+    env = {**{k: x for k, x in os.environ.items() if k != "SORAKIT_DEBUG"}, "SORAKIT_CACHE": str(workdir / "cache")}
+    res = subprocess.run(["sh", "-c", f"ulimit -f 64 && exec {sys.executable} -m sorakit export --preset tiny "
+                                      "--random-weights --components transformer --out b --no-verify"],
+                         capture_output=True, text=True, timeout=600, cwd=workdir, env=env)
+    assert_error(res)
+    assert "file-size limit" in res.stderr
+    assert not (workdir / "b").exists()  # only the resumable staging directory b.partial

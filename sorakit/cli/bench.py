@@ -82,6 +82,8 @@ def evaluate(
     work: Annotated[Path | None, typer.Option(help="Keep the optimised variant bundles here")] = None,
     repeats: Annotated[int, typer.Option(help="Time each setting this many times and keep the fastest")] = 3,
     cfg_max_t: Annotated[float | None, typer.Option(help="Guidance interval of every run: CFG only at timesteps <= T (default: the bundle's; 1000 = every step)")] = None,
+    step_cache: Annotated[str, typer.Option(help="Step-cache thresholds to compare, comma-separated ('' for none)")] = "0.1,0.2,0.4",
+    best: Annotated[bool, typer.Option("--best/--no-best", help="Measure sorakit's fastest settings as a whole (sorakit.evaluation.best), with their adherence")] = True,
 ) -> None:
     """SSIM/PSNR of LPL, TDTM, fp16 and int8 against the full-step fp32 output; adherence; Figure 5."""
     from sorakit.evaluation.quality import EvalSettings, run_eval
@@ -113,11 +115,28 @@ def evaluate(
     if bad:
         raise SorakitError(f"unknown precision {bad[0]!r}; use fp16 and/or int8")
     s.cfg_max_t = None if cfg_max_t is None else validate.timestep_bound(cfg_max_t, "--cfg-max-t")
+    items = [x.strip() for x in step_cache.split(",") if x.strip()]
+    try:
+        s.step_cache = [validate.number("--step-cache", float(x), min=0.0, min_open=True, max=10.0) for x in items]
+    except ValueError as e:
+        raise InvalidArgument(f"--step-cache expects thresholds like 0.1,0.2 (each in (0, 10]), got {step_cache!r}"
+                              + (f": {e}" if isinstance(e, SorakitError) else "")) from None
     bundle, is_default = _bundle_or_default(bundle)
     s.adherence = is_default if adherence is None else adherence
     s.adherence_rows = [r for r in s.adherence_rows if r in ("reference", "cfg every step") or r in s.precisions
                         or r.startswith("lpl ") and _fits(lambda r=r: lpl_setting(r.split()[1], steps))
                         or r.startswith("tdtm ") and int(r.split()[1]) <= steps]
+    if best:
+        from sorakit.evaluation.best import best as best_settings
+
+        b = best_settings()
+        if _fits(lambda: lpl_setting(b.get("lpl"), steps)) and b.get("tdtm_steps", 0) <= steps:
+            s.combined["best"] = b
+            if s.adherence:
+                s.adherence_rows.append("best")
+        else:
+            note(f"the 'best' row (lpl {b.get('lpl')}, {b.get('tdtm_steps', 0)} TDTM steps) does not fit "
+                 f"--steps {steps}; it is left out")
     res = run_eval(bundle, s, work, progress=lambda msg: err_console.print(styled(msg, "dim")))
     cmd = "sorakit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = eval_markdown(res, cmd)

@@ -30,6 +30,8 @@ def generate(
     threads: Annotated[int | None, typer.Option(help="Intra-op threads per session (default: the device's)")] = None,
     prefetch: Annotated[bool, typer.Option(help="Build the next block's session while the current one runs")] = True,
     fps: Annotated[int, typer.Option(help="Frames per second of the written video")] = 24,
+    precision: Annotated[str | None, typer.Option(help="Force fp32, int8 or bf16 where the bundle and device have it (default: the execution plan's choice per component)")] = None,
+    step_cache: Annotated[float | None, typer.Option(help="Reuse the transformer blocks' residual while their input changes less than this in sum (e.g. 0.1; lossy, off by default)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate a video from a text prompt."""
@@ -40,7 +42,8 @@ def generate(
     # every option is checked before anything is loaded (the same checks run in the library)
     opts = cli_options(prompt=prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl,
                        tdtm_steps=tdtm_steps, threads=threads, fps=fps, memory_budget_=memory_budget,
-                       force_budget=force_budget, out=out, device=device)
+                       force_budget=force_budget, out=out, device=device, precision=precision,
+                       step_cache=step_cache)
     using_default = bundle is None
     if using_default:
         from sorakit.runtime.default_model import default_bundle
@@ -48,7 +51,7 @@ def generate(
         bundle = default_bundle(notice=note)
 
     pipe = Pipeline.from_bundle(bundle, device=device, memory_budget=opts["memory_budget"], strict=strict,
-                                threads=threads, prefetch=prefetch, force_budget=force_budget)
+                                threads=threads, prefetch=prefetch, precision=precision, force_budget=force_budget)
     with progress_bar() as bar:
         tasks = {}
 
@@ -58,7 +61,8 @@ def generate(
                 tasks[p.stage] = bar.add_task(label, total=p.total)
             bar.update(tasks[p.stage], completed=p.index, total=p.total)
 
-        result = pipe(prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl, tdtm_steps=tdtm_steps, callback=on_progress)
+        result = pipe(prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl, tdtm_steps=tdtm_steps,
+                      step_cache=step_cache, callback=on_progress)
     pipe.close()
     output_file(out, VIDEO_SUFFIXES, "--out")  # still writable after the run (it may have changed meanwhile)
     save_video(result.frames, out, fps=fps)
@@ -72,6 +76,8 @@ def generate(
         "frames": list(result.frames.shape),
         "seconds": result.timings.to_dict(),
         "transformer_calls": result.sampling.model_calls,
+        "cached_steps": result.sampling.cached_steps,
+        "plan": pipe.plan.to_dict(),
         "leap_step": result.sampling.leap_step[0],
         "peak_rss_bytes": result.memory.peak_rss,
         "loads": result.memory.loads,

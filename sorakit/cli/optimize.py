@@ -60,7 +60,7 @@ def optimize(
                           highlight=False)
         return
     names = plan.apply
-    settings = {"tdtm": {"positions": tdtm_positions, "scope": tdtm_scope}}
+    settings = {**plan.settings, "tdtm": {"positions": tdtm_positions, "scope": tdtm_scope, **plan.settings.get("tdtm", {})}}
     if resolution or frames:
         settings["pin"] = {"resolution": parse_resolution(resolution) if resolution else None, "frames": frames}
     with progress_bar() as bar:

@@ -22,6 +22,7 @@ from sorakit.runtime.sampler import LPL
 from sorakit.units import human_bytes, parse_bytes
 
 UNLIMITED = ("unlimited", "none")
+MAX_STEP_CACHE = 10.0  # an accumulated relative change; beyond a few, every step would be skipped
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
@@ -58,8 +59,12 @@ def memory_budget(spec: Any, force: bool = False, name: str = "memory_budget") -
     return n
 
 
+PRECISIONS = ("fp32", "int8", "bf16", "fp16")
+
+
 def open_args(path: Any, device: Any, memory_budget_: Any, strict: Any, threads: Any, prefetch: Any, verify: Any,
-              force_budget: Any = False) -> tuple[Path, Any, int | str | None, bool, int | None, bool, bool]:
+              force_budget: Any = False, precision: Any = None
+              ) -> tuple[Path, Any, int | str | None, bool, int | None, bool, bool, str | None]:
     """The arguments of ``Pipeline.from_bundle``, checked; the budget is resolved to bytes."""
     if path is None:
         raise InvalidArgumentType("path is None; give a bundle directory (made by `sorakit export`)")
@@ -75,7 +80,8 @@ def open_args(path: Any, device: Any, memory_budget_: Any, strict: Any, threads:
     threads = None if threads is None else v.threads(threads)
     prefetch = v.boolean("prefetch", prefetch)
     verify = v.boolean("verify", verify)
-    return path, device, budget, strict, threads, prefetch, verify
+    precision = None if precision is None else v.choice("precision", precision, PRECISIONS)
+    return path, device, budget, strict, threads, prefetch, verify, precision
 
 
 def lpl_setting(spec: Any, steps: int | None = None, name: str = "lpl") -> LPL:
@@ -93,8 +99,8 @@ def lpl_setting(spec: Any, steps: int | None = None, name: str = "lpl") -> LPL:
 
 def cli_options(*, prompt: Any = "x", steps: Any = None, cfg: Any = None, cfg_max_t: Any = None, seed: Any = 0,
                 lpl: Any = None, tdtm_steps: Any = 0, threads: Any = None, fps: Any = 24, memory_budget_: Any = None,
-                force_budget: bool = False, out: Any = None, device: str | None = None,
-                name: Callable[[str], str] = cli_flag) -> dict[str, Any]:
+                force_budget: bool = False, out: Any = None, device: str | None = None, precision: Any = None,
+                step_cache: Any = None, name: Callable[[str], str] = cli_flag) -> dict[str, Any]:
     """Everything `sorakit generate` can check before it opens a bundle, under the options' names.
 
     Returns the normalised values (``memory_budget`` in bytes or "unlimited")."""
@@ -109,6 +115,9 @@ def cli_options(*, prompt: Any = "x", steps: Any = None, cfg: Any = None, cfg_ma
     ok["fps"] = v.fps(fps, name("fps"))
     ok["memory_budget"] = memory_budget(memory_budget_, force_budget, name("memory_budget"))
     ok["out"] = None if out is None else v.output_file(out, VIDEO_SUFFIXES, name("out"))
+    ok["precision"] = None if precision is None else v.choice(name("precision"), precision, PRECISIONS)
+    ok["step_cache"] = None if step_cache is None else v.number(name("step_cache"), step_cache, min=0.0,
+                                                                max=MAX_STEP_CACHE)
     if device is not None:
         from sorakit.profiles import get_profile
 
@@ -130,11 +139,12 @@ class GenerationArgs:
     num_frames: int
     noise: np.ndarray | None
     callback: Callable | None
+    step_cache: float | None = None
 
 
 def generation_args(pipe, prompt: Any, *, steps: Any, cfg: Any, cfg_max_t: Any, seed: Any, lpl: Any,
                     tdtm_steps: Any, height: Any, width: Any, num_frames: Any, noise: Any,
-                    callback: Any) -> GenerationArgs:
+                    callback: Any, step_cache: Any = None) -> GenerationArgs:
     """The arguments of ``Pipeline.__call__`` checked against the pipeline's bundle, defaults filled in."""
     prompts = v.prompts(prompt)
     for key, val in (("height", height), ("width", width)):
@@ -159,8 +169,9 @@ def generation_args(pipe, prompt: Any, *, steps: Any, cfg: Any, cfg_max_t: Any, 
         shape = (len(prompts), pipe.preset.stdit.in_channels, *pipe.preset.latent_size(num_frames, height, width))
         noise = v.finite_array("noise", noise, shape)
     callback = v.callback(callback)
+    step_cache = None if step_cache is None else v.number("step_cache", step_cache, min=0.0, max=MAX_STEP_CACHE)
     return GenerationArgs(prompts, steps, cfg, cfg_max_t, seed, lpl, tdtm_steps, height, width, num_frames, noise,
-                          callback)
+                          callback, step_cache)
 
 
 __all__ = ["GenerationArgs", "cli_options", "generation_args", "lpl_setting", "memory_budget", "open_args",
