@@ -104,7 +104,13 @@ def cfg(value: Any, name: str = "cfg") -> float:
 
 def timestep_bound(value: Any, name: str = "cfg_max_t") -> float:
     """The top of a guidance interval: a positive timestep (1000 or more = every step)."""
-    return number(name, value, min=0.0, min_open=True, max=1e6)
+    try:
+        return number(name, value, min=0.0, min_open=True, max=1e6)
+    except InvalidArgumentType:
+        raise
+    except InvalidArgument:
+        raise InvalidArgument(f"{name} must be a positive timestep (1000 = guidance at every step, at most 1e6), "
+                              f"got {_show(value)}") from None
 
 
 def resolution(value: Any, name: str = "resolution") -> tuple[int, int]:
@@ -150,6 +156,11 @@ def prompt(value: Any, name: str = "prompt") -> str:
                                   "e.g. prompt.decode('utf-8')")
     if not isinstance(value, str):
         raise InvalidArgumentType(f"{name} must be text (str), got {_kind(value)} {_show(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 on the command line
+        raise InvalidArgument(f"the {name} is not valid text: character {e.start + 1} is not UTF-8 "
+                              "(check the terminal's encoding)") from None
     if not _visible(value):
         what = "empty" if not value.strip() else "only invisible characters"
         raise InvalidArgument(f"the {name} is {what}; describe the video to generate")

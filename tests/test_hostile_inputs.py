@@ -76,8 +76,8 @@ GENERATE_CASES = [
     (["--cfg", "inf"], ["--cfg", "finite"]),
     (["--cfg", "1e30"], ["--cfg", "at most"]),
     (["--cfg", "-2"], ["--cfg", "at least 0"]),
-    (["--cfg-max-t", "0"], ["--cfg-max-t", "above 0"]),
-    (["--cfg-max-t", "nan"], ["--cfg-max-t", "finite"]),
+    (["--cfg-max-t", "0"], ["--cfg-max-t", "positive timestep", "got 0"]),
+    (["--cfg-max-t", "nan"], ["--cfg-max-t", "positive timestep", "nan"]),
     (["--seed", "-1"], ["--seed", "at least 0"]),
     (["--seed", str(2**64)], ["--seed", "at most"]),
     (["--lpl", "²"], ["LPL", "'²'"]),
@@ -124,6 +124,16 @@ def test_generate_refuses_bad_options_before_work(workdir, args, needles):
 def test_generate_refuses_empty_prompts(workdir, prompt, needle):
     before = {p.name for p in workdir.iterdir()}
     assert_error(run_cli("generate", prompt, "--out", "new.mp4", cwd=workdir), "prompt", needle)
+    assert_untouched(workdir, before)
+
+
+def test_generate_refuses_a_prompt_of_undecodable_bytes(workdir):
+    before = {p.name for p in workdir.iterdir()}
+    env = {**{k: x for k, x in os.environ.items() if k != "SORAKIT_DEBUG"}, "SORAKIT_CACHE": str(workdir / "cache"),
+           "LC_ALL": "C.UTF-8"}
+    res = subprocess.run([sys.executable, "-m", "sorakit", "generate", b"a red \xff circle", "--out", "new.mp4"],
+                         capture_output=True, text=True, timeout=120, cwd=workdir, env=env)
+    assert_error(res, "prompt is not valid text", "not UTF-8")
     assert_untouched(workdir, before)
 
 
@@ -361,6 +371,7 @@ OPEN_CASES = [
     (dict(path=123), InvalidArgumentType, "bundle path must be a path"),
     (dict(path=b"/tmp"), InvalidArgumentType, "bundle path must be a path"),
     (dict(path=""), InvalidArgument, "bundle path is empty"),
+    (dict(path="bundle\0x"), InvalidArgument, "NUL character"),
     (dict(threads=0), InvalidArgument, "threads must be at least 1"),
     (dict(threads=2.5), InvalidArgumentType, "threads must be an integer"),
     (dict(memory_budget="1000%"), InvalidArgument, "1000%"),
@@ -404,6 +415,7 @@ CALL_CASES = [
     (dict(prompt=[]), InvalidArgument, "prompt list is empty"),
     (dict(prompt=["a red circle", "  "]), InvalidArgument, "prompt[1] is empty"),
     (dict(prompt="\u200b"), InvalidArgument, "only invisible characters"),
+    (dict(prompt="a \udcff circle"), InvalidArgument, "prompt is not valid text"),
     (dict(steps="10"), InvalidArgumentType, "steps must be an integer, got str '10'"),
     (dict(steps=2.5), InvalidArgumentType, "steps must be an integer, got float"),
     (dict(steps=True), InvalidArgumentType, "steps must be an integer, got bool"),
@@ -412,7 +424,7 @@ CALL_CASES = [
     (dict(cfg=float("inf")), InvalidArgument, "cfg must be a finite number"),
     (dict(cfg=1e30), InvalidArgument, "cfg must be at most 100"),
     (dict(cfg="7"), InvalidArgumentType, "cfg must be a number, got str"),
-    (dict(cfg_max_t=0), InvalidArgument, "cfg_max_t must be above 0"),
+    (dict(cfg_max_t=0), InvalidArgument, "cfg_max_t must be a positive timestep"),
     (dict(seed="abc"), InvalidArgumentType, "seed must be an integer, got str 'abc'"),
     (dict(seed=-1), InvalidArgument, "seed must be at least 0"),
     (dict(seed=2**64), InvalidArgument, "seed must be at most"),

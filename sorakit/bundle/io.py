@@ -18,6 +18,7 @@ import numpy as np
 from sorakit.bundle.manifest import Manifest, check_relative_path
 from sorakit.bundle.onnx_refs import MalformedModel, external_refs
 from sorakit.errors import BundleError
+from sorakit.validate import path_like
 
 MANIFEST = "manifest.json"
 STAGING_SUFFIX = ".partial"
@@ -104,7 +105,7 @@ class Bundle:
     def open(cls, path: str | Path, verify: str = "lazy") -> Bundle:
         if verify not in ("full", "lazy", "none"):
             raise ValueError(f"verify must be full, lazy or none, not {verify!r}")
-        root = Path(path)
+        root = path_like("bundle path", path)
         if not root.is_dir():
             if Path(str(root) + STAGING_SUFFIX).is_dir():
                 raise BundleError(

@@ -29,9 +29,13 @@ def styled(text: str, style: str) -> Text:
     return Text(text, style=style)
 
 
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), 0x7F]}
+
+
 def one_line(text: str, limit: int = 2000) -> str:
-    """Messages of the error contract are single lines."""
-    text = " ".join(str(text).split())
+    """Messages of the error contract are single lines, with control characters (which a path or
+    prompt may hold, e.g. terminal escape sequences) shown as escapes."""
+    text = " ".join(str(text).split()).translate(_CONTROL)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
