@@ -135,9 +135,10 @@ def check_manifest(d: Any, where: str = "manifest.json") -> None:
     c.boolean("geometry.static", g["static"])
     for k in ("height", "width", "num_frames"):
         c.int(f"geometry.{k}", g[k], 1)
-    if "latent" in g:
+    if "latent" in g:  # sizes, or names of symbolic dimensions in dynamic bundles
         for i, x in enumerate(c.lst("geometry.latent", g["latent"])):
-            c.int(f"geometry.latent[{i}]", x, 1)
+            if not isinstance(x, str):
+                c.int(f"geometry.latent[{i}]", x, 1)
 
     c.config("sampler", d["sampler"], SamplerConfig, ("num_steps", "cfg_scale"))
     c.int("sampler.num_steps", d["sampler"]["num_steps"], 1)
