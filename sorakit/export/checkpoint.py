@@ -193,7 +193,8 @@ def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         header, _ = read_header(file)
     except CheckpointError as e:
         if "not a safetensors file" in str(e):
-            raise CheckpointError(f"{e}; is it a pickle renamed?") from None
+            raise CheckpointError(str(e).replace("not a safetensors file", "not a valid safetensors file")
+                                  + "; is it a pickle renamed?") from None
         raise
     return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
 
@@ -213,8 +214,8 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
                 obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{file} holds Python objects other than tensors ({_refused_global(str(e))}); sorakit refuses to "
-            "unpickle them, because unpickling can run arbitrary code",
+            f"{file} holds Python objects other than tensors ({_refused_global(str(e))}); sorakit reads torch "
+            "files only with weights_only=True and refuses to unpickle anything else (unpickling can run code)",
             hint="convert the checkpoint to safetensors where it was made (safetensors.torch.save_file)",
         ) from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
