@@ -9,6 +9,7 @@ used, and every problem is a ``CheckpointError`` that names the file and the ten
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from sorakit.errors import CheckpointError
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+# bytes per element of every safetensors dtype (reading needs numpy's, in DTYPES; the header check
+# accepts them all, so checkpoints in bf16 or fp8 are checked too)
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+            "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 MAX_HEADER = 100 * 2**20
 
 
@@ -38,7 +43,7 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
@@ -51,15 +56,15 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
         missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
         if missing:
             raise CheckpointError(f"{where} lacks {', '.join(missing)} in the safetensors header")
-        if entry["dtype"] not in DTYPES:
-            raise CheckpointError(f"{where} has dtype {entry['dtype']!r}; readable: {', '.join(DTYPES)}")
+        if not isinstance(entry["dtype"], str) or entry["dtype"] not in ITEMSIZE:
+            raise CheckpointError(f"{where} has dtype {entry['dtype']!r}; known: {', '.join(ITEMSIZE)}")
         shape, offsets = entry["shape"], entry["data_offsets"]
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise CheckpointError(f"{where} has an invalid shape {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1] <= data_size):
             raise CheckpointError(f"{where} has data offsets {offsets!r} outside the file's {data_size} data bytes")
-        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[entry["dtype"]]).itemsize
+        want = math.prod(shape) * ITEMSIZE[entry["dtype"]]
         if offsets[1] - offsets[0] != want:
             raise CheckpointError(f"{where}: shape {shape} of {entry['dtype']} needs {want} bytes, the file gives "
                                   f"{offsets[1] - offsets[0]}")
@@ -77,6 +82,8 @@ def read_tensors(path: str | Path, names: list[str] | None = None) -> dict[str, 
     out = {}
     for name in names if names is not None else header:
         e = header[name]
+        if e["dtype"] not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {e['dtype']}; numpy reads {', '.join(DTYPES)}")
         a, b = e["data_offsets"]
         out[name] = data[start + a : start + b].view(DTYPES[e["dtype"]]).reshape(e["shape"])
     return out

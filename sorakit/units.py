@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
-from sorakit.errors import SorakitError
+from sorakit.errors import InvalidArgument, InvalidArgumentType
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -16,23 +17,25 @@ def parse_bytes(spec: str | int | float, available: int | None = None) -> int:
     """'2GB', '512MiB', '1.5e9', 3000000000 or '40%' (of ``available``) -> bytes (a positive int).
 
     ``available`` is the reference of a percentage; without it, the memory available now.
-    Anything else (negative, zero, not finite, over 100 %, an unknown unit) is a SorakitError.
+    Anything else (negative, zero, not finite, over 100 %, an unknown unit) is an InvalidArgument
+    (a SorakitError and a ValueError); a type other than str/int/float is an InvalidArgumentType.
     """
-    if isinstance(spec, bool) or not isinstance(spec, (str, int, float)):
-        raise SorakitError(f"a memory size must be a number of bytes or a string like '2GB', got {spec!r}")
-    if isinstance(spec, (int, float)):
-        value, unit, text = float(spec), "", repr(spec)
+    if isinstance(spec, bool) or type(spec).__name__ == "bool_" or not isinstance(spec, (str, numbers.Real)):
+        raise InvalidArgumentType("a memory size must be a number of bytes or a string like '2GB', "
+                                  f"got {type(spec).__name__}")
+    if not isinstance(spec, str):
+        value, unit, text = (float(spec) if abs(spec) < 2**1000 else math.inf), "", _short(repr(spec))
     else:
-        text = spec
+        text = _short(spec)
         m = _SIZE.fullmatch(spec.strip().lower().replace(" ", ""))
         if not m or (m.group(2) not in _UNITS and m.group(2) != "%"):
-            raise SorakitError(f"cannot read memory size {spec!r}; use e.g. 2GB, 512MiB or 40%")
+            raise InvalidArgument(f"cannot read memory size {_short(spec)!r}; use e.g. 2GB, 512MiB or 40%")
         value, unit = float(m.group(1)), m.group(2)
     if not math.isfinite(value) or value <= 0:
-        raise SorakitError(f"memory size {text} must be a positive, finite amount")
+        raise InvalidArgument(f"memory size {text} must be a positive, finite amount")
     if unit == "%":
         if value > 100:
-            raise SorakitError(f"memory size {text} is more than all of the available memory; use at most 100%")
+            raise InvalidArgument(f"memory size {text} is more than all of the available memory; use at most 100%")
         if available is None:
             from sorakit.memory import available_memory
 
@@ -40,10 +43,14 @@ def parse_bytes(spec: str | int | float, available: int | None = None) -> int:
         return max(1, int(available * value / 100))
     n = value * _UNITS[unit]
     if n > 2**62:
-        raise SorakitError(f"memory size {text} is not a plausible amount of memory")
+        raise InvalidArgument(f"memory size {text} is not a plausible amount of memory")
     if n < 1:
-        raise SorakitError(f"memory size {text} is less than one byte")
+        raise InvalidArgument(f"memory size {text} is less than one byte")
     return int(n)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def human_bytes(n: float) -> str:

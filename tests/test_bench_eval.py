@@ -76,14 +76,14 @@ def test_bench_on_the_small_preset(tiny_bundle, tmp_path):
 def test_eval_on_the_small_preset(tiny_bundle, tmp_path):
     out = tmp_path / "eval"
     res = _cli("eval", "--bundle", str(tiny_bundle[0]), "--out", str(out), "--steps", "4", "--prompts", "2",
-               "--lpl", "2,dynamic", "--tdtm", "2", "--precisions", "int8", "--work", str(tmp_path / "work"),
+               "--lpl", "2,dynamic:start=1", "--tdtm", "2", "--precisions", "int8", "--work", str(tmp_path / "work"),
                "--repeats", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((out / "eval.json").read_text())
     assert data["timing_repeats"] == 2 and "fastest of 2 runs, taken in rounds" in (out / "eval.md").read_text()
     assert data["rows"]["reference"]["transformer_speedup"] == 1.0
     rows = data["rows"]
-    assert set(rows) == {"reference", "lpl 2", "lpl dynamic", "tdtm 2", "int8"}
+    assert set(rows) == {"reference", "lpl 2", "lpl dynamic:start=1", "tdtm 2", "int8"}
     assert rows["reference"]["ssim"] == pytest.approx(1.0)
     assert rows["lpl 2"]["transformer_calls"] == 3  # 2 steps then the leap (both prompts in each call)
     assert 0 < rows["tdtm 2"]["ssim"] < 1 and 0 < rows["int8"]["ssim"] <= 1
@@ -106,7 +106,7 @@ def test_eval_bad_input(tiny_bundle, tmp_path):
     assert not (tmp_path / "e").exists()
     video = tmp_path / "v.mp4"
     res = _cli("generate", "a red circle", "--bundle", str(tiny_bundle[0]), "--out", str(video), "--cfg-max-t", "0")
-    assert res.returncode == 1 and "cfg_max_t must be a positive timestep" in res.stderr and not video.exists()
+    assert res.returncode == 1 and "--cfg-max-t must be a positive timestep" in res.stderr and not video.exists()
 
 
 def test_variant_bundles_are_reused_only_for_the_same_source(tiny_bundle, tmp_path):

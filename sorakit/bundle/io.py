@@ -7,13 +7,18 @@ import errno
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from sorakit.bundle.manifest import Manifest, check_relative_path
+from sorakit.bundle.onnx_refs import MalformedModel, external_refs
 from sorakit.errors import BundleError
+from sorakit.validate import path_like
 
 MANIFEST = "manifest.json"
 STAGING_SUFFIX = ".partial"
@@ -100,23 +105,30 @@ class Bundle:
     def open(cls, path: str | Path, verify: str = "lazy") -> Bundle:
         if verify not in ("full", "lazy", "none"):
             raise ValueError(f"verify must be full, lazy or none, not {verify!r}")
-        root = Path(path)
+        root = path_like("bundle path", path)
         if not root.is_dir():
             if Path(str(root) + STAGING_SUFFIX).is_dir():
                 raise BundleError(
                     f"{root} is incomplete: an export into it did not finish ({root}{STAGING_SUFFIX} holds the "
                     "partial work); re-run the export to resume it"
                 )
+            if root.exists():
+                raise BundleError(f"{root} is a file, not a bundle directory",
+                                  hint="give the directory `sorakit export` wrote (the one holding manifest.json)")
             raise BundleError(f"bundle directory {root} does not exist")
         mf = root / MANIFEST
         if not mf.is_file():
             raise BundleError(f"{root} is not a sorakit bundle (no {MANIFEST})")
         try:
-            data = json.loads(mf.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            data = json.loads(mf.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise BundleError(f"{mf} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise BundleError(f"cannot read {mf}: {e.strerror or e}") from None
         bundle = cls(root, Manifest.from_dict(data, str(mf)), verify)
         bundle._check_files_present()
+        if verify != "none":
+            bundle.check_graph_references()
         if verify == "full":
             bundle.verify_all()
         return bundle
@@ -150,8 +162,11 @@ class Bundle:
             raise BundleError(f"bundle file {rel} is not listed in the manifest")
         path = self.path(rel)
         stamps = self._stamps()
-        if not stamps.holds(path, rec["sha256"]):
-            got = sha256_file(path)
+        if self.verify_mode == "full" or not stamps.holds(path, rec["sha256"]):  # full: always hash
+            try:
+                got = sha256_file(path)
+            except OSError as e:
+                raise BundleError(f"cannot read bundle file {rel}: {e.strerror or e}") from None
             if got != rec["sha256"]:
                 raise BundleError(f"bundle file {rel} is corrupt: sha256 {got[:12]}… but the manifest says "
                                   f"{rec['sha256'][:12]}…")
@@ -170,6 +185,65 @@ class Bundle:
     def verify_all(self) -> None:
         for rel in self.manifest.files:
             self.verify_file(rel)
+
+    def check_graph_references(self) -> None:
+        """Every external-data location inside every graph must be one of that graph's files in
+        the manifest (so its checksum is verified before ONNX Runtime reads it), inside the
+        bundle, with the offset and length inside the file."""
+        for g in self.manifest.all_graphs():
+            try:
+                refs = external_refs(self.path(g.file))
+            except MalformedModel as e:
+                raise BundleError(f"bundle graph {g.file} is not a valid ONNX model ({e})",
+                                  hint="the file is damaged; re-export or re-copy the bundle") from None
+            except OSError as e:
+                raise BundleError(f"cannot read bundle graph {g.file}: {e.strerror or e}") from None
+            own = [f for f in (g.file, g.data) if f]
+            for r in refs:
+                what = f"bundle graph {g.file}: tensor {r.tensor!r}"
+                loc = r.location
+                if loc is None:
+                    raise BundleError(f"{what} has external data without a location")
+                if not loc or loc.startswith(("/", "\\")) or "\\" in loc or ":" in loc or "*" in loc \
+                        or ".." in PurePosixPath(loc).parts:
+                    raise BundleError(f"{what} reads its data from {loc!r}, a path outside the bundle")
+                rel = posixpath.normpath(posixpath.join(posixpath.dirname(g.file), loc))
+                if rel.startswith("../") or rel == "..":
+                    raise BundleError(f"{what} reads its data from {loc!r}, a path outside the bundle")
+                if rel not in self.manifest.files:
+                    raise BundleError(f"{what} reads its data from {rel}, which the manifest does not list "
+                                      "with a checksum", hint="the graph was altered after export; re-export it")
+                if rel not in own:
+                    raise BundleError(f"{what} reads its data from {rel}, which is not this graph's data file "
+                                      f"({g.data or 'none'}) in the manifest",
+                                      hint="the graph was altered after export; re-export it")
+                size = self.manifest.files[rel]["bytes"]
+                try:
+                    offset = int(r.offset or 0)
+                    length = size - offset if r.length is None else int(r.length)
+                except ValueError:
+                    raise BundleError(f"{what} has a non-numeric offset/length ({r.offset!r}, {r.length!r})") \
+                        from None
+                if offset < 0 or length < 0 or offset + length > size:
+                    raise BundleError(f"{what} reads bytes {offset}..{offset + length} of {rel}, which has {size}")
+
+    def load_array(self, rel: str, shape: list[int] | None = None) -> np.ndarray:
+        """A .npy file of the bundle as float32 (no pickles), checked against ``shape``."""
+        self.verify_file(rel)
+        try:
+            a = np.load(self.path(rel), allow_pickle=False)
+        except ValueError as e:
+            raise BundleError(f"bundle file {rel} is not a plain numeric .npy array ({e})") from None
+        except OSError as e:
+            raise BundleError(f"cannot read bundle file {rel}: {e.strerror or e}") from None
+        if not isinstance(a, np.ndarray) or a.dtype.kind not in "fiu":
+            raise BundleError(f"bundle file {rel} holds {getattr(a, 'dtype', type(a))}, not numbers")
+        if shape is not None and list(a.shape) != list(shape):
+            raise BundleError(f"bundle file {rel} has shape {list(a.shape)}, the manifest says {list(shape)}")
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise BundleError(f"bundle file {rel} holds NaN or infinite values")
+        return a
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.path(rel).read_text())
@@ -287,6 +361,15 @@ class BundleStaging:
 
 
 def disk_full_message(e: OSError, what: str) -> str | None:
+    """A one-line message for the write errors a user can fix (space, quota, file-size limit,
+    permissions), else None."""
     if e.errno == errno.ENOSPC:
         return f"the disk is full while writing {what}; free space and re-run to resume"
+    if e.errno == getattr(errno, "EDQUOT", None):
+        return f"the disk quota is exceeded while writing {what}; free space and re-run to resume"
+    if e.errno == errno.EFBIG:
+        return (f"a file grew past the file-size limit while writing {what} (ulimit -f); raise the limit "
+                "and re-run to resume")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {e.filename or what}: {e.strerror}"
     return None

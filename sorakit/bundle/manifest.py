@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from sorakit.bundle.schema import check_manifest
 from sorakit.errors import BundleError
 
 FORMAT = "sorakit-bundle"
@@ -158,6 +159,7 @@ class Manifest:
                                "export") if k not in d]
         if missing:
             raise BundleError(f"{where} lacks required fields: {', '.join(missing)}")
+        check_manifest(d, where)
         try:
             comps = {k: Component.from_dict(v) for k, v in d["components"].items()}
         except (KeyError, TypeError) as e:

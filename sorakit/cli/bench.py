@@ -9,8 +9,20 @@ from typing import Annotated
 
 import typer
 
-from sorakit.cli._common import console, err_console
-from sorakit.errors import SorakitError
+from sorakit import validate
+from sorakit.cli._common import console, err_console, note, styled
+from sorakit.errors import InvalidArgument, SorakitError
+
+DEFAULT_LPL = "10,15,20,25,dynamic"
+DEFAULT_TDTM = "5,10,15,20,25,30"
+
+
+def _fits(check) -> bool:
+    try:
+        check()
+    except SorakitError:
+        return False
+    return True
 
 
 def _bundle_or_default(bundle: Path | None) -> tuple[Path, bool]:
@@ -18,7 +30,7 @@ def _bundle_or_default(bundle: Path | None) -> tuple[Path, bool]:
         return bundle, False
     from sorakit.runtime.default_model import default_bundle
 
-    return default_bundle(notice=lambda msg: err_console.print(f"note: {msg}", highlight=False, markup=False)), True
+    return default_bundle(notice=note), True
 
 
 def bench(
@@ -35,11 +47,17 @@ def bench(
     from sorakit.evaluation.bench import BenchSettings, run_bench
     from sorakit.evaluation.report import bench_chart, bench_markdown, write
 
-    if rounds < 1:
-        raise SorakitError(f"--rounds must be at least 1, got {rounds}")
+    out = validate.output_dir(out, "--out")
+    if work is not None:
+        validate.output_dir(work, "--work")
+    validate.steps(steps, "--steps")
+    if threads is not None:
+        validate.threads(threads, "--threads")
+    validate.integer("--rounds", rounds, min=1, max=100)
+    validate.prompt(prompt, "--prompt")
     bundle, _ = _bundle_or_default(bundle)
     settings = BenchSettings(prompt=prompt, steps=steps, threads=threads, torch_row=torch_row, rounds=rounds)
-    res = run_bench(bundle, settings, work, progress=lambda s: err_console.print(f"[dim]{s}[/]"))
+    res = run_bench(bundle, settings, work, progress=lambda s: err_console.print(styled(s, "dim")))
     cmd = "sorakit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = bench_markdown(res, cmd)
     write(out, "bench", res, md)
@@ -54,8 +72,10 @@ def evaluate(
     steps: Annotated[int, typer.Option(help="Steps of the reference and of every setting")] = 30,
     prompts: Annotated[int, typer.Option(help="How many of the fixed quality prompts to use (1-4)")] = 4,
     seeds: Annotated[int, typer.Option(help="Seeds per prompt")] = 1,
-    lpl: Annotated[str, typer.Option(help="LPL settings to compare, comma-separated")] = "10,15,20,25,dynamic",
-    tdtm: Annotated[str, typer.Option(help="TDTM merge-step counts to compare, comma-separated")] = "5,10,15,20,25,30",
+    lpl: Annotated[str | None, typer.Option(help=f"LPL settings to compare, comma-separated (default: those of "
+                                                  f"{DEFAULT_LPL} that fit --steps)")] = None,
+    tdtm: Annotated[str | None, typer.Option(help=f"TDTM merge-step counts to compare, comma-separated (default: "
+                                                   f"those of {DEFAULT_TDTM} that fit --steps)")] = None,
     precisions: Annotated[str | None, typer.Option(help="Precisions to compare: fp16,int8,bf16 (bf16: OpenVINO; default: all three where OpenVINO is installed)")] = None,
     adherence: Annotated[bool | None, typer.Option("--adherence/--no-adherence",
                                                    help="Score the 24 adherence prompts (default: on for the shipped model)")] = None,
@@ -68,21 +88,28 @@ def evaluate(
     """SSIM/PSNR of LPL, TDTM, fp16 and int8 against the full-step fp32 output; adherence; Figure 5."""
     from sorakit.evaluation.quality import EvalSettings, run_eval
     from sorakit.evaluation.report import eval_charts, eval_markdown, write
+    from sorakit.runtime.validate import lpl_setting
 
-    bundle, is_default = _bundle_or_default(bundle)
-    s = EvalSettings(steps=steps)
-    if not 1 <= prompts <= len(s.prompts):
-        raise SorakitError(f"--prompts must be between 1 and {len(s.prompts)}")
+    out = validate.output_dir(out, "--out")
+    if work is not None:
+        validate.output_dir(work, "--work")
+    s = EvalSettings(steps=validate.steps(steps, "--steps"))
+    validate.integer("--prompts", prompts, min=1, max=len(s.prompts))
     s.prompts = s.prompts[:prompts]
-    s.seeds = list(range(seeds))
-    if repeats < 1:
-        raise SorakitError(f"--repeats must be at least 1, got {repeats}")
-    s.timing_repeats = repeats
-    s.lpl = [x.strip() for x in lpl.split(",") if x.strip()]
-    try:
-        s.tdtm = [int(x) for x in tdtm.split(",") if x.strip()]
-    except ValueError:
-        raise SorakitError(f"--tdtm expects step counts like 5,10,15, got {tdtm!r}") from None
+    s.seeds = list(range(validate.integer("--seeds", seeds, min=1, max=1000)))
+    s.timing_repeats = validate.integer("--repeats", repeats, min=1, max=100)
+    if lpl is None:  # the defaults that fit the schedule
+        s.lpl = [x for x in DEFAULT_LPL.split(",") if _fits(lambda x=x: lpl_setting(x, steps))]
+    else:
+        s.lpl = [x.strip() for x in lpl.split(",") if x.strip()]
+        for spec in s.lpl:
+            lpl_setting(spec, steps, "--lpl")
+    tdtm_items = [x.strip() for x in (tdtm if tdtm is not None else DEFAULT_TDTM).split(",") if x.strip()]
+    if not all(x.isascii() and x.isdigit() for x in tdtm_items):
+        raise InvalidArgument(f"--tdtm expects step counts like 5,10,15, got {tdtm!r}")
+    if tdtm is None:
+        tdtm_items = [x for x in tdtm_items if int(x) <= steps]
+    s.tdtm = [validate.integer("--tdtm", int(x), min=1, max=steps) for x in tdtm_items]
     if precisions is None:
         import importlib.util
 
@@ -91,25 +118,31 @@ def evaluate(
     bad = [p for p in s.precisions if p not in ("fp16", "int8", "bf16")]
     if bad:
         raise SorakitError(f"unknown precision {bad[0]!r}; use fp16, int8 and/or bf16")
-    s.adherence = is_default if adherence is None else adherence
-    s.adherence_rows = [r for r in s.adherence_rows if r in ("reference", "cfg every step") or
-                        r.split()[0] in ("lpl", "tdtm") or r in s.precisions or r.startswith("cache ")]
-    if cfg_max_t is not None and not cfg_max_t > 0:
-        raise SorakitError(f"--cfg-max-t must be a positive timestep (1000 = guidance at every step), got {cfg_max_t}")
-    s.cfg_max_t = cfg_max_t
+    s.cfg_max_t = None if cfg_max_t is None else validate.timestep_bound(cfg_max_t, "--cfg-max-t")
+    items = [x.strip() for x in step_cache.split(",") if x.strip()]
     try:
-        s.step_cache = [float(x) for x in step_cache.split(",") if x.strip()]
-    except ValueError:
-        raise SorakitError(f"--step-cache expects thresholds like 0.1,0.2, got {step_cache!r}") from None
-    if any(not 0 < x < float("inf") for x in s.step_cache):
-        raise SorakitError(f"--step-cache thresholds must be positive and finite, got {step_cache!r}")
+        s.step_cache = [validate.number("--step-cache", float(x), min=0.0, min_open=True, max=10.0) for x in items]
+    except ValueError as e:
+        raise InvalidArgument(f"--step-cache expects thresholds like 0.1,0.2 (each in (0, 10]), got {step_cache!r}"
+                              + (f": {e}" if isinstance(e, SorakitError) else "")) from None
+    bundle, is_default = _bundle_or_default(bundle)
+    s.adherence = is_default if adherence is None else adherence
+    s.adherence_rows = [r for r in s.adherence_rows if r in ("reference", "cfg every step") or r in s.precisions
+                        or r.startswith("cache ") and float(r.split()[1]) in s.step_cache
+                        or r.startswith("lpl ") and _fits(lambda r=r: lpl_setting(r.split()[1], steps))
+                        or r.startswith("tdtm ") and int(r.split()[1]) <= steps]
     if best:
         from sorakit.evaluation.best import best as best_settings
 
-        s.combined["best"] = best_settings()
-        if s.adherence:
-            s.adherence_rows.append("best")
-    res = run_eval(bundle, s, work, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+        b = best_settings()
+        if _fits(lambda: lpl_setting(b.get("lpl"), steps)) and b.get("tdtm_steps", 0) <= steps:
+            s.combined["best"] = b
+            if s.adherence:
+                s.adherence_rows.append("best")
+        else:
+            note(f"the 'best' row (lpl {b.get('lpl')}, {b.get('tdtm_steps', 0)} TDTM steps) does not fit "
+                 f"--steps {steps}; it is left out")
+    res = run_eval(bundle, s, work, progress=lambda msg: err_console.print(styled(msg, "dim")))
     cmd = "sorakit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = eval_markdown(res, cmd)
     write(out, "eval", res, md)

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from sorakit.cli._common import BundleArg, JsonOpt, console, err_console, print_json, progress_bar
+from sorakit import validate
+from sorakit.cli._common import BundleArg, JsonOpt, console, print_json, progress_bar, styled
 from sorakit.errors import SorakitError
 from sorakit.units import human_bytes
 
@@ -65,9 +65,9 @@ def audit(
     else:
         _print_audit(report, nodes, REASONS)
     if strict and not report.clean:
-        err_console.print(f"[bold red]strict:[/] {len(report.dirty())} graph(s) would not run wholly on "
-                          f"{report.provider} ({report.fallback_nodes} node(s) on the CPU)", highlight=False)
-        raise typer.Exit(code=1)
+        raise SorakitError(f"--strict: {len(report.dirty())} graph(s) of {bundle} would not run wholly on "
+                           f"{report.provider} ({report.fallback_nodes} node(s) on the CPU)",
+                           hint="see the table above (--nodes lists every fallback node with its reasons)")
 
 
 def _print_audit(report, nodes: bool, reasons: dict[str, str]) -> None:
@@ -80,7 +80,7 @@ def _print_audit(report, nodes: bool, reasons: dict[str, str]) -> None:
     for g in report.graphs:
         ops = ", ".join(f"{k}×{v}" for k, v in sorted(g.fallback_ops().items()))
         why = ", ".join(f"{k}×{v}" for k, v in sorted(g.reason_counts().items()))
-        mark = "[green]clean[/]" if g.clean else "[red]fallback[/]"
+        mark = styled("clean", "green") if g.clean else styled("fallback", "red")
         table.add_row(g.graph, str(g.nodes), str(g.nodes_on_ep), str(g.nodes - g.nodes_on_ep), str(g.partitions),
                       ops or "-", why or "-", mark)
     console.print(table)
@@ -90,33 +90,33 @@ def _print_audit(report, nodes: bool, reasons: dict[str, str]) -> None:
                   + (f"; op list: {report.op_list}" if report.op_list else ""), highlight=False)
     used = sorted({r.code for g in report.graphs for f in g.fallbacks for r in f.reasons})
     if used:
-        console.print("[bold]reasons[/]")
+        console.print(styled("reasons", "bold"))
         for code in used:
             console.print(f"  {code}: {reasons[code]}", highlight=False)
     if nodes:
         for g in report.dirty():
-            console.print(f"[bold]{g.graph}[/]")
+            console.print(styled(g.graph, "bold"))
             for f in g.fallbacks:
-                console.print(escape(f"  {f.node} ({f.op}): " + "; ".join(r.detail for r in f.reasons)),
-                              highlight=False)
+                console.print(f"  {f.node} ({f.op}): " + "; ".join(r.detail for r in f.reasons), highlight=False)
     hints: dict[str, list[str]] = {}
     for g in report.graphs:
         for h in g.hints:
             hints.setdefault(h, []).append(g.graph)
     if hints:
-        console.print("[bold]how to fix[/]")
+        console.print(styled("how to fix", "bold"))
         for h, names in hints.items():
             where = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
-            console.print(escape(f"  [{where}] {h}"), highlight=False)
+            console.print(f"  [{where}] {h}", highlight=False)
     notes: dict[str, int] = {}
     for g in report.graphs:
         for n in g.notes:
             notes[n] = notes.get(n, 0) + 1
     for n, count in notes.items():
-        console.print(f"[dim]note ({count} graph{'s' if count > 1 else ''}): {escape(n)}[/]", highlight=False)
+        console.print(styled(f"note ({count} graph{'s' if count > 1 else ''}): {n}", "dim"), highlight=False)
     unchecked = sorted({op for g in report.graphs for op in g.unchecked})
     if unchecked:
-        console.print(f"[dim]not checked (op-specific limits the audit does not model): {', '.join(unchecked)}[/]")
+        console.print(styled(f"not checked (op-specific limits the audit does not model): {', '.join(unchecked)}",
+                             "dim"))
 
 
 def package(
@@ -131,7 +131,10 @@ def package(
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a bundle to an ORT Mobile package: .ort graphs, one operator config, an app manifest."""
-    from sorakit.devices.package import package_bundle
+    from sorakit.devices.package import STYLES, package_bundle
+
+    out = validate.output_dir(out, "--out")
+    validate.choice("--style", style, STYLES)
 
     with progress_bar(transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -154,7 +157,8 @@ def package(
     for g in report.graphs:
         ver = "-" if g.exact is None else ("identical" if g.exact else f"{g.max_abs_err:.1e}")
         parts = "-" if g.audit is None else str(g.audit["partitions"])
-        mark = "" if g.audit is None else ("[green]clean[/]" if g.audit["clean"] else "[yellow]CPU fallback[/]")
+        mark = "" if g.audit is None else (styled("clean", "green") if g.audit["clean"]
+                                           else styled("CPU fallback", "yellow"))
         table.add_row(("  " if g.variant_of else "") + g.name, human_bytes(g.onnx_bytes), human_bytes(g.ort_bytes),
                       ver, parts, mark)
     console.print(table)
@@ -169,8 +173,8 @@ def package(
     console.print(f"{len(m['required_operators'])} operator lines in required_operators.config; reduced build: "
                   f"{m['ort_format']['reduced_build']}", highlight=False)
     if m["audit"] and m["audit"]["clean_graphs"] < m["audit"]["graphs"]:
-        console.print(f"[yellow]{m['audit']['graphs'] - m['audit']['clean_graphs']} graph(s) would partly run on the "
-                      f"CPU: see sorakit audit {bundle} --device {report.device}[/]")
+        console.print(styled(f"{m['audit']['graphs'] - m['audit']['clean_graphs']} graph(s) would partly run on the "
+                             f"CPU: see sorakit audit {bundle} --device {report.device}", "yellow"))
 
 
 def export_coreml(
@@ -196,6 +200,13 @@ def export_coreml(
     as_json: JsonOpt = False,
 ) -> None:
     """Core ML path: one ML Program .mlpackage per block, converted from the torch pieces (needs coremltools)."""
+    out = validate.output_dir(out, "--out")
+    if resolution is not None:
+        validate.resolution(resolution, "--resolution")
+    if frames is not None:
+        validate.frames(frames, "--frames")
+    validate.seed(seed, "--seed")
+    validate.choice("--precision", precision, ("fp16", "fp32"))
     try:
         from sorakit.export.coreml import CoreMLSettings
         from sorakit.export.coreml import export_coreml as run

@@ -7,13 +7,27 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from sorakit.cli._common import BundleArg, JsonOpt, console, parse_resolution, print_json, progress_bar
-from sorakit.errors import SorakitError
+from sorakit import validate
+from sorakit.cli._common import BundleArg, JsonOpt, console, print_json, progress_bar, styled
+from sorakit.errors import InvalidArgument, SorakitError
 from sorakit.presets import PRESETS
 from sorakit.units import human_bytes
 
 COMPONENT_NAMES = ("text_encoder", "transformer", "vae")
+MIN_OPSET = 17  # LayerNormalization
+MAX_OPSET = {"torchscript": 20, "dynamo": 23}  # what torch's exporters write
+
+
+def check_granularity(text: str, depth: int) -> str:
+    """--granularity: pair, single, or a number of block pairs per graph in [1, depth]."""
+    if text in ("pair", "single"):
+        return text
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= depth:
+        raise InvalidArgument(f"--granularity {text!r} must be pair, single or a number of block pairs "
+                              f"from 1 to {depth}")
+    return str(int(text))
 
 
 def export(
@@ -37,14 +51,32 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Export a model to a bundle of per-block ONNX graphs, verified against torch."""
-    from sorakit.export.exporter import ExportSettings, export_bundle
-    from sorakit.presets import get_preset
+    from sorakit.presets import check_geometry, get_preset
 
+    # every option is checked before torch is imported or anything is written
     p = get_preset(preset)
     comps = tuple(c.strip() for c in components.split(",") if c.strip())
     bad = [c for c in comps if c not in COMPONENT_NAMES]
     if bad or not comps:
-        raise SorakitError(f"unknown components {bad}; choose from {', '.join(COMPONENT_NAMES)}")
+        raise InvalidArgument(f"--components {components!r}: unknown components {bad}; "
+                              f"choose from {', '.join(COMPONENT_NAMES)}")
+    out = validate.output_dir(out, "--out")
+    h, w = validate.resolution(resolution, "--resolution") if resolution is not None else p.resolution
+    frames = p.num_frames if frames is None else validate.frames(frames, "--frames")
+    check_geometry(p, frames, h, w)
+    validate.seed(seed, "--seed")
+    validate.choice("--exporter", exporter, tuple(MAX_OPSET))
+    validate.integer("--opset", opset, min=MIN_OPSET, max=MAX_OPSET["dynamo" if dynamic else exporter])
+    granularity = check_granularity(granularity, p.stdit.depth)
+    for c, path in (("--transformer", transformer), ("--vae", vae), ("--text-encoder", text_encoder),
+                    ("--tokenizer", tokenizer)):
+        if path is not None and not path.exists():
+            raise InvalidArgument(f"{c} {path} does not exist")
+    try:
+        from sorakit.export.exporter import ExportSettings, export_bundle
+    except ImportError as e:
+        raise SorakitError(f"export needs torch and onnx ({e.name} is missing)",
+                           hint="pip install 'sorakit[export]'") from None
     given = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}
     if random_weights:
         if any(given[c] for c in comps):
@@ -58,8 +90,7 @@ def export(
                 hint="pass " + " ".join(f"--{c.replace('_', '-')} DIR" for c in missing) + " or --random-weights",
             )
         checkpoints = {c: given[c] for c in comps}
-    h, w = parse_resolution(resolution) if resolution else p.resolution
-    settings = ExportSettings(p, h, w, frames or p.num_frames, static=not dynamic, granularity=granularity,
+    settings = ExportSettings(p, h, w, frames, static=not dynamic, granularity=granularity,
                               opset=opset, exporter=exporter, components=comps, verify=verify, seed=seed,
                               t5_lookup_outside=t5_embedding_outside)
     with progress_bar() as bar:
@@ -110,17 +141,18 @@ def inspect(
         print_json(m.to_dict())
         return
     g = m.geometry
-    console.print(f"[bold]{bundle}[/]  preset [bold]{m.preset['name']}[/], bundle format v{m.format_version}")
+    console.print(Text.assemble(styled(str(bundle), "bold"), "  preset ", styled(str(m.preset["name"]), "bold"),
+                                f", bundle format v{m.format_version}"))
     shape = "static" if m.static else "dynamic"
     console.print(f"geometry: {shape}, {g['height']}x{g['width']} px, {g['num_frames']} frames, latent {g['latent']}")
     s = m.sampler
     interval = s.get("guidance_max_t")
     guidance = f" at t <= {interval:g} (guidance interval)" if interval is not None else ""
     console.print(f"sampler: {s['num_steps']} steps, CFG {s['cfg_scale']}{guidance}, timestep transform "
-                  f"{'on' if s['use_timestep_transform'] else 'off'}")
+                  f"{'on' if s.get('use_timestep_transform', True) else 'off'}")
     e = m.export
-    console.print(f"export: opset {e['opset']}, {e['exporter']}, granularity {e['granularity']}; tools "
-                  + ", ".join(f"{k} {v}" for k, v in e["tools"].items()))
+    console.print(f"export: opset {e.get('opset', '?')}, {e.get('exporter', '?')}, granularity "
+                  f"{e.get('granularity', '?')}; tools " + ", ".join(f"{k} {v}" for k, v in e.get("tools", {}).items()))
     passes = ", ".join(p["name"] for p in m.passes) or "none"
     console.print(f"passes: {passes}")
     for comp, c in m.components.items():

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from sorakit.cli._common import DeviceOpt, JsonOpt, console, err_console, print_json, progress_bar
-from sorakit.errors import SorakitError
+from sorakit.cli._common import DeviceOpt, JsonOpt, console, note, print_json, progress_bar
 from sorakit.units import human_bytes
+from sorakit.validate import output_file
 
 
 def generate(
@@ -24,6 +24,7 @@ def generate(
     lpl: Annotated[str, typer.Option(help="Linear Proportional Leap: off, N (N steps then a leap), dynamic[:start=14,tol=1e-3,patience=3]")] = "off",
     tdtm_steps: Annotated[int, typer.Option(help="Use the TDTM (token-merged) blocks for the first N steps")] = 0,
     memory_budget: Annotated[str | None, typer.Option(help="Memory for model blocks, e.g. 2GB, 40% or unlimited (default: the device's)")] = None,
+    force_budget: Annotated[bool, typer.Option("--force-budget", help="Accept a --memory-budget above this machine's physical memory")] = False,
     device: DeviceOpt = "cpu",
     strict: Annotated[bool, typer.Option(help="Refuse to fall back from the device's execution provider")] = False,
     threads: Annotated[int | None, typer.Option(help="Intra-op threads per session (default: the device's)")] = None,
@@ -35,25 +36,23 @@ def generate(
 ) -> None:
     """Generate a video from a text prompt."""
     from sorakit.runtime.pipeline import Pipeline
-    from sorakit.runtime.sampler import LPL
+    from sorakit.runtime.validate import VIDEO_SUFFIXES, cli_options
     from sorakit.runtime.video import check_video_target, save_video
 
-    if not prompt.strip():
-        raise SorakitError("the prompt is empty; describe the video to generate")
-    check_video_target(out, fps)  # the file name, its directory, the frame rate (and Pillow for .gif): before any work
-    LPL.parse(lpl)  # fail on a bad setting before loading anything
+    # every option is checked before anything is loaded (the same checks run in the library)
+    opts = cli_options(prompt=prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl,
+                       tdtm_steps=tdtm_steps, threads=threads, fps=fps, memory_budget_=memory_budget,
+                       force_budget=force_budget, out=out, device=device, precision=precision,
+                       step_cache=step_cache)
+    check_video_target(out, fps)  # and Pillow for a .gif: before any work
     using_default = bundle is None
     if using_default:
         from sorakit.runtime.default_model import default_bundle
 
-        bundle = default_bundle(notice=lambda msg: err_console.print(f"note: {msg}", highlight=False, markup=False))
+        bundle = default_bundle(notice=note)
 
-    if precision is not None and precision not in ("fp32", "int8", "bf16", "fp16"):
-        raise SorakitError(f"--precision must be fp32, int8, bf16 or fp16, got {precision!r}")
-    if step_cache is not None and not 0 <= step_cache < float("inf"):
-        raise SorakitError(f"--step-cache must be a finite threshold >= 0, got {step_cache}")
-    pipe = Pipeline.from_bundle(bundle, device=device, memory_budget=memory_budget, strict=strict,
-                                threads=threads, prefetch=prefetch, precision=precision)
+    pipe = Pipeline.from_bundle(bundle, device=device, memory_budget=opts["memory_budget"], strict=strict,
+                                threads=threads, prefetch=prefetch, precision=precision, force_budget=force_budget)
     with progress_bar() as bar:
         tasks = {}
 
@@ -65,8 +64,9 @@ def generate(
 
         result = pipe(prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl, tdtm_steps=tdtm_steps,
                       step_cache=step_cache, callback=on_progress)
-    save_video(result.frames, out, fps=fps)
     pipe.close()
+    output_file(out, VIDEO_SUFFIXES, "--out")  # still writable after the run (it may have changed meanwhile)
+    save_video(result.frames, out, fps=fps)
     notes = list(result.notes)
     if using_default and any("unknown to the tokenizer" in n for n in notes):
         from sorakit.runtime.default_model import DEFAULT_MODEL_NOTE
@@ -91,7 +91,7 @@ def generate(
         print_json(summary)
         return
     for n in notes:
-        err_console.print(f"[yellow]note:[/] {n}", highlight=False)
+        note(n)
     t = result.timings
     table = Table(title=f"wrote {out}  ({result.frames.shape[0]} frames, {result.frames.shape[2]}x{result.frames.shape[1]})")
     table.add_column("component")

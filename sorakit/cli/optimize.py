@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from sorakit import validate
 from sorakit.cli._common import BundleArg, JsonOpt, console, err_console, parse_resolution, print_json, progress_bar
-from sorakit.errors import SorakitError
+from sorakit.errors import InvalidArgument, SorakitError
 from sorakit.units import human_bytes
 
 
@@ -34,6 +35,22 @@ def optimize(
     from sorakit.graph_passes.registry import plan_passes
     from sorakit.profiles import get_profile
 
+    # options first, before the bundle is read
+    out = validate.output_dir(out, "--out")
+    if resolution is not None:
+        validate.resolution(resolution, "--resolution")
+    if frames is not None:
+        validate.frames(frames, "--frames")
+    if gate_steps is not None:
+        validate.steps(gate_steps, "--gate-steps")
+    gates = {}
+    for g in gate or []:
+        key, sep, val = g.partition("=")
+        try:
+            gates[key.strip()] = validate.number(f"--gate {g!r}", float(val), min=0.0, max=1.0)
+        except ValueError as e:
+            raise InvalidArgument(f"--gate expects NAME=MIN_SSIM with MIN_SSIM in [0, 1], got {g!r}"
+                                  + (f" ({e})" if sep and isinstance(e, SorakitError) else "")) from None
     plan = plan_passes(Bundle.open(bundle).manifest, passes, get_profile(device) if device else None)
     if plan.already:
         err_console.print(f"note: the bundle already carries {', '.join(plan.already)} of device {device!r}; "
@@ -43,13 +60,6 @@ def optimize(
                           highlight=False)
         return
     names = plan.apply
-    gates = {}
-    for g in gate or []:
-        key, _, val = g.partition("=")
-        try:
-            gates[key.strip()] = float(val)
-        except ValueError:
-            raise SorakitError(f"--gate expects NAME=MIN_SSIM, got {g!r}") from None
     settings = {**plan.settings, "tdtm": {"positions": tdtm_positions, "scope": tdtm_scope, **plan.settings.get("tdtm", {})}}
     if resolution or frames:
         settings["pin"] = {"resolution": parse_resolution(resolution) if resolution else None, "frames": frames}

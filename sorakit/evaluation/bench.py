@@ -58,11 +58,17 @@ ROW_TITLES = {
 }
 
 
+BUDGET_SLACK = 2 * 10**6
+
+
 def _subprocess(module: str, spec: dict) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     res = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        raise SorakitError(f"bench row {spec.get('name')!r} failed:\n{res.stderr[-3000:]}")
+    if res.returncode != 0:  # the row's own error (the last line of its traceback), not the traceback
+        lines = [line.strip() for line in res.stderr.splitlines() if line.strip()]
+        detail = lines[-1] if lines else f"exit code {res.returncode}"
+        detail = detail.removeprefix("sorakit.errors.")
+        raise SorakitError(f"bench row {spec.get('name')!r} failed: {detail}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -110,9 +116,9 @@ def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = N
     minimum = minimum_budget(opened, m.all_graphs())
     budget_note = ""
     if budget < minimum:  # e.g. a model whose VAE blocks outweigh 40 % of its transformer
-        budget_note = (f"{settings.budget_fraction:.0%} of the transformer ({budget / 1e6:.1f} MB) is below the "
-                       f"smallest workable budget; raised to {minimum / 1e6:.1f} MB")
-        budget = minimum
+        budget = minimum + BUDGET_SLACK  # slack: the process's own memory moves a little while it opens the bundle
+        budget_note = (f"{settings.budget_fraction:.0%} of the transformer is below the smallest workable budget; "
+                       f"raised to {budget / 1e6:.1f} MB (the smallest plus {BUDGET_SLACK / 1e6:.0f} MB)")
     s = settings
     s.leap_at = s.steps // 2 if s.leap_at is None else s.leap_at
     s.tdtm_steps = s.steps // 2 if s.tdtm_steps is None else s.tdtm_steps

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from sorakit.errors import CheckpointError
+from sorakit.tensorfile import read_header
 
 SAFE_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -186,41 +187,51 @@ def _index_files(files: list[Path]) -> dict[str, TensorInfo]:
 
 
 def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Parse the header only (8-byte length + JSON); fails clearly on anything else."""
+    """Parse and check the header only (8-byte length + JSON, every entry's dtype, shape and
+    offsets); fails clearly, naming the file and the tensor."""
     try:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > 100_000_000 or n + 8 > file.stat().st_size:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not a valid safetensors file ({e}); is it a pickle renamed?") from None
-    header.pop("__metadata__", None)
+        header, _ = read_header(file)
+    except CheckpointError as e:
+        if "not a safetensors file" in str(e):
+            raise CheckpointError(str(e).replace("not a safetensors file", "not a valid safetensors file")
+                                  + "; is it a pickle renamed?") from None
+        raise
     return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
 
 
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     import pickle
+    import warnings
 
     try:
-        try:
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings say nothing the error below does not
+            warnings.simplefilter("ignore")
+            try:
+                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{file} holds objects other than tensors and is refused (loaded with weights_only=True): "
-            f"{str(e).splitlines()[0]}"
+            f"{file} holds Python objects other than tensors ({_refused_global(str(e))}); sorakit reads torch "
+            "files only with weights_only=True and refuses to unpickle anything else (unpickling can run code)",
+            hint="convert the checkpoint to safetensors where it was made (safetensors.torch.save_file)",
         ) from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{file} could not be read as a torch weights file: {e}") from None
+        raise CheckpointError(f"{file} could not be read as a torch weights file: {str(e).splitlines()[0][:300]}") \
+            from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{file} is not a flat dictionary of tensors")
     return obj
+
+
+def _refused_global(message: str) -> str:
+    """What torch's weights-only unpickler refused, without its advice to load unsafely."""
+    m = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", message)
+    return f"it needs {m.group(1)}" if m else "objects the weights-only loader refuses"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ SHIPPED = Path(sorakit.__file__).resolve().parent / "assets" / "shapes"
 TEMPLATE = SHIPPED / "bundle"
 WEIGHTS = "weights.json"
 DEFAULT_MODEL_NOTE = "the default model only knows simple shapes, colours and motions (e.g. 'a red circle moving right')"
+_PREFIXES = ("shapes-", "tiny-random-")  # names of default-model bundles (and their locks, staging dirs)
 LOCK_TIMEOUT = 600.0  # seconds another process may hold the lock (assembling takes about a second)
 
 
@@ -59,17 +60,32 @@ def bundles_dir(cache_dir: str | Path | None = None) -> Path:
 
 @dataclass
 class CacheState:
-    path: Path
+    path: Path  # where the default model's bundle is (or would be) cached
     exists: bool
-    problem: str | None  # None: complete and every checksum matches
+    problem: str | None  # None: complete (and, if verified, every checksum matches)
+    verified: bool = False  # checksums hashed (else sizes only)
+    bytes: int = 0  # on disk, in the bundle directory
+    stale: list[Path] = field(default_factory=list)  # staging directories left by killed processes
+    others: list[Path] = field(default_factory=list)  # bundles of other sorakit versions or models
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "exists": self.exists, "ok": self.problem is None, "problem": self.problem,
+                "verified": self.verified, "bytes": self.bytes, "stale": [str(p) for p in self.stale],
+                "others": [str(p) for p in self.others]}
 
 
-def check_cached(path: Path) -> str | None:
-    """None if ``path`` holds the complete default bundle with every checksum right, else what is wrong."""
+def check_cached(path: Path, full: bool = True) -> str | None:
+    """None if ``path`` holds the complete default bundle with every checksum right (sizes only
+    unless ``full``), else what is wrong."""
+    if path.exists() and not path.is_dir():
+        return "it is a file, not a directory"
     if not (path / MANIFEST).is_file():
-        return "its manifest.json is missing" if path.exists() else "it does not exist"
+        return f"its {MANIFEST} is missing" if path.exists() else "it does not exist"
+    template = json.loads((TEMPLATE / MANIFEST).read_text())["files"] if shipped_model_available() else None
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
+        if template is not None and files != template:
+            return f"its {MANIFEST} differs from the shipped model's"
         for rel, rec in files.items():
             check_relative_path(rel)
             p = path / rel
@@ -77,16 +93,30 @@ def check_cached(path: Path) -> str | None:
                 return f"{rel} is missing"
             if p.stat().st_size != rec["bytes"]:
                 return f"{rel} has {p.stat().st_size} bytes instead of {rec['bytes']}"
-            if sha256_file(p) != rec["sha256"]:
+            if full and sha256_file(p) != rec["sha256"]:
                 return f"{rel} does not match its checksum"
-    except (OSError, ValueError, KeyError, TypeError, BundleError) as e:
-        return f"its manifest cannot be read ({e})"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, BundleError) as e:
+        return f"its {MANIFEST} cannot be read ({type(e).__name__}: {e})"
     return None
 
 
-def cache_state(cache_dir: str | Path | None = None) -> CacheState:
-    path = bundles_dir(cache_dir) / cache_key()
-    return CacheState(path, path.exists(), check_cached(path))
+def _is_ours(p: Path) -> bool:
+    return p.name.lstrip(".").startswith(_PREFIXES)
+
+
+def cache_state(cache_dir: str | Path | None = None, verify: bool = False) -> CacheState:
+    """Where the default model is cached and in what state; ``verify`` hashes every file."""
+    root = bundles_dir(cache_dir)
+    path = root / cache_key()
+    state = CacheState(path, path.exists(), check_cached(path, full=verify), verified=verify)
+    if path.is_dir():
+        state.bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if not _is_ours(p) or p == path or p.suffix == ".lock":
+                continue
+            (state.stale if ".partial-" in p.name else state.others).append(p)
+    return state
 
 
 def default_bundle(cache_dir: str | Path | None = None, notice: Callable[[str], None] | None = None) -> Path:
@@ -112,10 +142,12 @@ def default_bundle(cache_dir: str | Path | None = None, notice: Callable[[str], 
             problem = check_cached(out)  # another process may have built it while we waited
             if problem is None:
                 return out
-            if out.exists():
+            for stale in root.glob(f".{out.name}.partial-*"):  # left by a killed process (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            if out.exists() or out.is_symlink():
                 if notice:
                     notice(f"the cached default model at {out} is damaged ({problem}); rebuilding it")
-                shutil.rmtree(out)
+                _remove(out)
             staging = root / f".{out.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
             try:
                 assemble(TEMPLATE, staging)
@@ -131,15 +163,39 @@ def default_bundle(cache_dir: str | Path | None = None, notice: Callable[[str], 
     return out
 
 
-def clear_cache(cache_dir: str | Path | None = None) -> list[Path]:
-    """Remove every cached default-model bundle (and stale staging directories); returns what went."""
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
+
+
+def clear_cache(cache_dir: str | Path | None = None, timeout: float = 10.0) -> list[Path]:
+    """Remove every cached default-model bundle (and stale staging directories); returns what went.
+
+    Each bundle is removed under its lock, so a process assembling it is waited for (up to
+    ``timeout`` seconds). The empty lock files stay: removing a lock file another process may
+    be waiting on would let two processes build at once.
+    """
     root = bundles_dir(cache_dir)
-    gone = []
-    if root.is_dir():
-        for p in sorted(root.iterdir()):
-            if p.name.lstrip(".").startswith(("shapes-", "tiny-random-")):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-                gone.append(p)
+    gone: list[Path] = []
+    if not root.is_dir():
+        return gone
+    keys = sorted({p.name.lstrip(".").split(".partial-")[0].removesuffix(".lock")
+                   for p in root.iterdir() if _is_ours(p)})
+    for key in keys:
+        lock = root / f".{key}.lock"
+        try:
+            with FileLock(str(lock), timeout=timeout):
+                for p in [root / key, *root.glob(f".{key}.partial-*")]:
+                    if p.exists() or p.is_symlink():
+                        _remove(p)
+                        gone.append(p)
+        except Timeout:
+            raise SorakitError(f"another sorakit process is building {root / key}; try again when it is done",
+                               hint=f"if no other sorakit runs, remove {lock}") from None
+        except OSError as e:
+            raise SorakitError(f"cannot remove {root / key}: {e.strerror or e}") from None
     return gone
 
 

@@ -28,6 +28,7 @@ from sorakit.errors import BudgetError, SorakitError
 from sorakit.memory import available_memory, rss_bytes
 from sorakit.presets import ModelPreset, check_geometry, decode_chunks
 from sorakit.profiles import DeviceProfile, get_profile
+from sorakit.runtime import validate
 from sorakit.runtime.plan import ExecutionPlan, make_plan
 from sorakit.runtime.sampler import (
     LPL,
@@ -42,7 +43,7 @@ from sorakit.runtime.scheduler import BlockScheduler, SchedulerStats, minimum_bu
 from sorakit.runtime.session import ORT, SessionFactory, SessionOptions, plan_providers
 from sorakit.runtime.step_cache import StepCache
 from sorakit.tokenizer import PromptTokenizer
-from sorakit.units import human_bytes, parse_bytes
+from sorakit.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class Pipeline:
         prefetch: bool = True,
         verify: bool = True,
         precision: str | None = None,
+        force_budget: bool = False,
     ):
         self.bundle = bundle
         m = bundle.manifest
@@ -122,7 +124,7 @@ class Pipeline:
             raise SorakitError(f"bundle {bundle.root} lacks components {missing}; export them to generate video")
         # the budget is for the whole process: what it holds already (interpreter, libraries) is
         # subtracted, the rest is for the graphs' sessions
-        self.budget = self._budget(memory_budget)
+        self.budget = self._budget(memory_budget, force_budget)
         self.block_budget = None
         if self.budget is not None:
             base = rss_bytes()
@@ -154,7 +156,7 @@ class Pipeline:
                                     base=0 if self.budget is None else self.budget - self.block_budget)
         tok = m.tokenizer
         self.tokenizer = PromptTokenizer(bundle.path(tok["file"]), tok["max_length"], tok["pad_id"], tok["eos_id"])
-        self.null_caption = np.load(bundle.path(m.null_caption["file"])).astype(np.float32)
+        self.null_caption = bundle.load_array(m.null_caption["file"], m.null_caption.get("shape"))
         emb = m.components["text_encoder"].info.get("embedding_file")
         self.embedding = np.load(bundle.path(emb), mmap_mode="r") if emb else None
         self.dynamic_text = dynamic_text
@@ -170,23 +172,27 @@ class Pipeline:
         prefetch: bool = True,
         verify: bool = True,
         precision: str | None = None,
+        force_budget: bool = False,
     ) -> Pipeline:
         """Open a bundle directory; checksums are verified before any work unless ``verify=False``.
 
         ``device`` names a profile (cpu, cpu-bf16, iphone-15-pro, mac, android); ``memory_budget``
         is the process's memory, bytes or a string like "2GB" or "40%" (of available memory),
-        default the profile's; "unlimited" keeps every graph resident. ``precision`` forces one
-        (fp32, int8, bf16) instead of the execution plan's choice per component.
+        default the profile's; "unlimited" keeps every graph resident; a budget above physical
+        memory needs ``force_budget``. ``precision`` forces one (fp32, int8, bf16) instead of the
+        execution plan's choice per component. Every argument is checked first
+        (``sorakit.runtime.validate``).
         """
+        path, device, memory_budget, strict, threads, prefetch, verify, precision = validate.open_args(
+            path, device, memory_budget, strict, threads, prefetch, verify, force_budget, precision)
         return cls(Bundle.open(path, verify="lazy"), device, memory_budget, strict, threads, prefetch, verify,
-                   precision)
+                   precision, True)
 
-    def _budget(self, spec: str | int | None) -> int | None:
-        if spec in ("unlimited", "none", 0):
-            return None
+    def _budget(self, spec: str | int | None, force: bool = False) -> int | None:
+        spec = validate.memory_budget(spec, force)
         if spec is None:
             return self.profile.budget_bytes(available_memory())
-        return parse_bytes(spec, available_memory())
+        return None if spec == "unlimited" else spec
 
     # -- geometry -------------------------------------------------------------------------------
     def _geometry(self, height, width, num_frames) -> tuple[int, int, int]:
@@ -422,25 +428,14 @@ class Pipeline:
         the blocks' residual while the accumulated relative change of their modulated input
         stays below this (``step_cache.py``; e.g. 0.1); None or 0: every step runs the blocks.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise SorakitError("the prompt is empty; describe the video to generate")
-        height, width, num_frames = self._geometry(height, width, num_frames)
-        sampler = ModelPreset.from_dict(self.manifest.preset).sampler
-        steps = steps or int(self.manifest.sampler.get("num_steps", sampler.num_steps))
-        cfg = float(self.manifest.sampler.get("cfg_scale", sampler.cfg_scale) if cfg is None else cfg)
-        if cfg_max_t is None:
-            cfg_max_t = self.manifest.sampler.get("guidance_max_t", sampler.guidance_max_t)
-        if cfg_max_t is not None and not cfg_max_t > 0:
-            raise SorakitError(f"cfg_max_t must be a positive timestep (1000 = guidance at every step), got {cfg_max_t}")
-        if steps < 1:
-            raise SorakitError(f"steps must be at least 1, got {steps}")
-        if tdtm_steps < 0 or tdtm_steps > steps:
-            raise SorakitError(f"tdtm_steps must be in [0, {steps}], got {tdtm_steps}")
-        lpl = lpl if isinstance(lpl, LPL) else LPL.parse(lpl)
-        lpl.validate(steps)
-        if tdtm_steps:
-            self._blocks(True)
+        a = validate.generation_args(self, prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl,
+                                     tdtm_steps=tdtm_steps, height=height, width=width, num_frames=num_frames,
+                                     noise=noise, callback=callback, step_cache=step_cache)
+        prompts, steps, cfg, cfg_max_t, seed, lpl, tdtm_steps = (a.prompts, a.steps, a.cfg, a.cfg_max_t, a.seed, a.lpl,
+                                                                 a.tdtm_steps)
+        height, width, num_frames, noise, callback = a.height, a.width, a.num_frames, a.noise, a.callback
+        step_cache = a.step_cache
+        sampler = self.preset.sampler
         notes = list(self.providers.fallbacks)
         timings = Timings()
         t_start = time.perf_counter()
@@ -460,9 +455,7 @@ class Pipeline:
 
             # 2. denoise
             shape = (len(prompts), self.preset.stdit.in_channels, *self.preset.latent_size(num_frames, height, width))
-            z = initial_noise(seed, shape) if noise is None else np.asarray(noise, dtype=np.float32)
-            if z.shape != shape:
-                raise SorakitError(f"noise has shape {z.shape}, expected {shape}")
+            z = initial_noise(seed, shape) if noise is None else noise
             ts = timestep_schedule(sampler, steps, height, width, shape[2])
             note = leap_vs_guidance(lpl, ts, cfg_max_t, cfg)
             if note:

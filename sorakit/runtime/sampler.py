@@ -16,13 +16,16 @@ LPL (On-device Sora, section 1):
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from sorakit.errors import SorakitError
+from sorakit.errors import InvalidArgument, InvalidArgumentType
 from sorakit.presets import SamplerConfig, guidance_scale
+from sorakit.validate import finite_latent
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -57,16 +60,26 @@ class LPL:
     patience: int = 3  # dynamic: steps without improvement before leaping
 
     @staticmethod
-    def parse(spec: str | None) -> LPL:
-        """ "off", "15" / "fixed:15", "dynamic" or "dynamic:start=14,tol=1e-3,patience=3"."""
-        if spec is None or spec in ("", "off", "none", "0"):
+    def parse(spec: str | int | LPL | None) -> LPL:
+        """ "off", "15" / "fixed:15" (or the int 15), "dynamic" or "dynamic:start=14,tol=1e-3,patience=3"."""
+        if isinstance(spec, LPL):
+            return spec
+        if isinstance(spec, bool) or not isinstance(spec, (str, int, type(None))):
+            raise InvalidArgumentType(f"lpl must be a string like '15' or 'dynamic', an int or None, "
+                                      f"got {type(spec).__name__} {spec!r}"[:200])
+        if isinstance(spec, int):
+            if spec < 0:
+                raise InvalidArgument(f"lpl {spec} must be a step count (>= 0; 0 = off)")
+            return LPL("fixed", leap_at=spec) if spec else LPL()
+        if spec is None or spec.strip().lower() in ("", "off", "none", "0"):
             return LPL()
-        if spec.isdigit():
-            return LPL("fixed", leap_at=int(spec))
-        mode, _, rest = spec.partition(":")
+        text = spec.strip()
+        if _ASCII_INT.fullmatch(text):
+            return LPL("fixed", leap_at=int(text))
+        mode, _, rest = text.partition(":")
         if mode == "fixed":
-            if not rest.isdigit():
-                raise SorakitError(f"--lpl fixed needs a step count, e.g. fixed:15 (got {spec!r})")
+            if not _ASCII_INT.fullmatch(rest):
+                raise InvalidArgument(f"lpl fixed needs a step count, e.g. fixed:15 (got {spec!r})")
             return LPL("fixed", leap_at=int(rest))
         if mode == "dynamic":
             kw = {}
@@ -78,23 +91,38 @@ class LPL:
             }
             for part in filter(None, rest.split(",")):
                 k, _, v = part.partition("=")
+                k, v = k.strip(), v.strip()
                 if k not in names:
-                    raise SorakitError(f"unknown dynamic LPL setting {k!r} in {spec!r} (start, tol, patience)")
+                    raise InvalidArgument(f"unknown dynamic LPL setting {k!r} in {spec!r} (start, tol, patience)")
                 name, conv = names[k]
-                try:
-                    kw[name] = conv(v)
-                except ValueError:
-                    raise SorakitError(f"bad value for {k} in --lpl {spec!r}") from None
+                if conv is int and not _ASCII_INT.fullmatch(v) or conv is float and not _ASCII_FLOAT.fullmatch(v):
+                    raise InvalidArgument(f"bad value {v!r} for {k} in lpl {spec!r}: "
+                                          + ("a whole number" if conv is int else "a number like 1e-3") + " is needed")
+                kw[name] = conv(v)
             return LPL("dynamic", **kw)
-        raise SorakitError(
+        raise InvalidArgument(
             f"unknown LPL setting {spec!r}: use off, N, fixed:N or dynamic[:start=..,tol=..,patience=..]"
         )
 
     def validate(self, num_steps: int) -> None:
+        """Refuse settings that do not fit a schedule of ``num_steps`` steps."""
         if self.mode == "fixed" and not 0 <= self.leap_at < num_steps:
-            raise SorakitError(f"LPL leap_at={self.leap_at} must be in [0, {num_steps - 1}] for {num_steps} steps")
-        if self.mode == "dynamic" and (self.patience < 1 or self.start < 1):
-            raise SorakitError("dynamic LPL needs start >= 1 and patience >= 1")
+            raise InvalidArgument(f"LPL leap_at={self.leap_at} must be in [0, {num_steps - 1}] for {num_steps} steps")
+        if self.mode == "dynamic":
+            if self.start < 1 or self.patience < 1:
+                raise InvalidArgument(f"dynamic LPL needs start >= 1 and patience >= 1 "
+                                      f"(got start={self.start}, patience={self.patience})")
+            if not (math.isfinite(self.tolerance) and 0 <= self.tolerance <= 2):
+                raise InvalidArgument(f"dynamic LPL tol={self.tolerance} must be in [0, 2] (a cosine improvement)")
+            if self.start + self.patience > num_steps:
+                raise InvalidArgument(
+                    f"dynamic LPL start={self.start}, patience={self.patience} cannot leap within {num_steps} steps "
+                    f"(start + patience must be at most the number of steps)",
+                    hint=f"use e.g. dynamic:start={max(1, num_steps // 2)},patience=1, or more steps")
+
+
+_ASCII_INT = re.compile(r"[0-9]{1,9}")  # (more digits than any schedule, and int() of huge strings is slow)
+_ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 @dataclass
@@ -184,6 +212,7 @@ def rflow_sample(
         dt_step = (timesteps[i] - timesteps[i + 1]) if i < num_steps - 1 else timesteps[i]
         dt = np.where(leap, t, dt_step).astype(np.float32) / np.float32(num_timesteps)
         z[active] = za + v * dt[:, None, None, None, None]
+        finite_latent(z[active], i, num_steps, float(t))  # NaN/inf: stop, naming the step
         if prev_v is None:
             prev_v = np.zeros_like(z)
         prev_v[active] = v

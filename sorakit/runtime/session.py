@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from sorakit.errors import ProviderError
+from sorakit.errors import BundleError, ProviderError
 from sorakit.profiles import OPENVINO, DeviceProfile
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,12 @@ def _core():
     return _CORE
 
 
+def _load_error(engine: str, path: Path, e: Exception) -> BundleError:
+    detail = " ".join(str(e).split())[:400]
+    return BundleError(f"{engine} cannot load {path.parent.name}/{path.name}: {detail}",
+                       hint="the graph is damaged or not for this engine's version; re-export the bundle")
+
+
 class SessionFactory:
     def __init__(self, plan: ProviderPlan, defaults: SessionOptions | None = None):
         self.plan = plan
@@ -190,10 +196,20 @@ class SessionFactory:
             config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, **self.plan.openvino}
             if options.threads:
                 config["INFERENCE_NUM_THREADS"] = options.threads
-            return OpenVINOSession(path, config)
+            try:
+                return OpenVINOSession(path, config)
+            except (MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
+                raise _load_error("OpenVINO", path, e) from e
         names = [n for n, _ in self.plan.selected]
         opts = [o for _, o in self.plan.selected]
-        sess = ort.InferenceSession(str(path), options.ort_options, providers=names, provider_options=opts)
+        try:
+            sess = ort.InferenceSession(str(path), options.ort_options, providers=names, provider_options=opts)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (Fail, InvalidProtobuf, ...)
+            raise _load_error("ONNX Runtime", path, e) from e
         if self.defaults.strict:
             sess.disable_fallback()
             missing = [n for n in names if n not in sess.get_providers()]
