@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import ast
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
 from onnx import numpy_helper, shape_inference
 
 IR_VERSION = 9  # onnxruntime 1.31 loads at most IR 13; keep what the exporters write
-
-
-def load(path: str | Path, with_data: bool = False) -> onnx.ModelProto:
-    return onnx.load(str(path), load_external_data=with_data)
 
 
 def module_path(node: onnx.NodeProto) -> str:
@@ -51,10 +48,6 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
-def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output}
-
-
 def rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
     for n in graph.node:
         n.input[:] = [new if i == old else i for i in n.input]
@@ -80,27 +73,13 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     return out
 
 
-def toposort(graph: onnx.GraphProto) -> None:
-    """Reorder nodes so every node comes after the producers of its inputs (stable)."""
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        progressed = False
-        rest = []
-        for n in pending:
-            if all(i in available for i in n.input):
-                ordered.append(n)
-                available.update(n.output)
-                progressed = True
-            else:
-                rest.append(n)
-        if not progressed:
-            missing = sorted({i for n in rest for i in n.input if i not in available})[:5]
-            raise ValueError(f"graph has a cycle or undefined inputs: {missing}")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
+def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its nodes in a stable topological order (onnx-ir's sort; raises on a cycle)."""
+    m = ir.serde.deserialize_model(model)
+    ir_passes.TopologicalSortPass()(m)
+    out = ir.serde.serialize_model(m)
+    out.ir_version = model.ir_version
+    return out
 
 
 def clear_shapes(graph: onnx.GraphProto) -> None:
@@ -110,29 +89,3 @@ def clear_shapes(graph: onnx.GraphProto) -> None:
 
 def const(name: str, value) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value), name)
-
-
-def initializer_array(model_dir: Path, init: onnx.TensorProto) -> np.ndarray:
-    """An initializer's values, reading external data relative to the model's directory."""
-    if init.data_location == onnx.TensorProto.EXTERNAL:
-        from onnx.external_data_helper import load_external_data_for_tensor
-
-        t = onnx.TensorProto()
-        t.CopyFrom(init)
-        load_external_data_for_tensor(t, str(model_dir))
-        return numpy_helper.to_array(t)
-    return numpy_helper.to_array(init)
-
-
-def node_count(model: onnx.ModelProto) -> int:
-    return len(model.graph.node)
-
-
-def external_files(model: onnx.ModelProto) -> set[str]:
-    files = set()
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            for kv in init.external_data:
-                if kv.key == "location":
-                    files.add(kv.value)
-    return files
