@@ -130,3 +130,22 @@ def test_prune_refuses_to_change_a_weight_record():
             kv.value = "other.data"
     with pytest.raises(SorakitError, match="rewrite external weights"):
         prune_mod._check_contract(model, moved)
+
+
+def test_text_tokens_runs_before_prune_and_refuses_after_it(tiny_bundle, tmp_path):
+    """prune folds a small T5's position bias (a weight kept inline) into a constant of max_length
+    tokens, which text_tokens cannot shorten: the two run in one pipeline, text_tokens first, and
+    text_tokens refuses a pruned bundle instead of writing one that fails on short prompts."""
+    from sorakit.graph_passes.pipeline import optimize_bundle
+    from sorakit.runtime import Pipeline
+
+    both = tmp_path / "both"
+    optimize_bundle(tiny_bundle[0], both, "prune,text_tokens")
+    assert [p["name"] for p in Bundle.open(both).manifest.passes] == ["text_tokens", "prune"]
+    got = Pipeline.from_bundle(both)("a red circle", steps=2, seed=0)
+    want = Pipeline.from_bundle(tiny_bundle[0])("a red circle", steps=2, seed=0)
+    assert np.abs(got.latents - want.latents).max() <= 1e-4
+    optimize_bundle(tiny_bundle[0], tmp_path / "pruned", "prune")
+    with pytest.raises(SorakitError, match="'text_tokens' must run before prune"):
+        optimize_bundle(tmp_path / "pruned", tmp_path / "late", "text_tokens")
+    assert not (tmp_path / "late").exists()

@@ -50,7 +50,7 @@ def optimize(
             gates[key.strip()] = float(val)
         except ValueError:
             raise SorakitError(f"--gate expects NAME=MIN_SSIM, got {g!r}") from None
-    settings = {"tdtm": {"positions": tdtm_positions, "scope": tdtm_scope}}
+    settings = {**plan.settings, "tdtm": {"positions": tdtm_positions, "scope": tdtm_scope, **plan.settings.get("tdtm", {})}}
     if resolution or frames:
         settings["pin"] = {"resolution": parse_resolution(resolution) if resolution else None, "frames": frames}
     with progress_bar() as bar:

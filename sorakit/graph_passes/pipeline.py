@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ def optimize_bundle(
     for rel in manifest.files:
         dst = staging.dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(bundle.path(rel), dst)  # a copy: onnx refuses hard-linked external data
+        link_or_copy(bundle.path(rel), dst)
     ws = Workspace(staging.dir)
     report = OptimizeReport(out)
     gates = {**{p.name: p.gate for p in objs if p.lossy}, **(gates or {})}
@@ -92,7 +93,8 @@ def optimize_bundle(
                 if gates.get(p.name) is None:
                     record.gate = {"skipped": "not gated on request"}
                 else:
-                    record.gate = run_gate(p.name, ws, before, manifest, gates[p.name], force, gate_steps)
+                    precision = p.name if p.settings().get("variant") else None  # run the variants it added
+                    record.gate = run_gate(p.name, ws, before, manifest, gates[p.name], force, gate_steps, precision)
             manifest.passes.append(record.to_dict())
             report.records.append(record)
         manifest.files = {rel: file_record(ws.path(rel)) for rel in manifest.referenced_files()}
@@ -101,6 +103,20 @@ def optimize_bundle(
         shutil.rmtree(staging.dir, ignore_errors=True)
         raise
     return report
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a file of the input bundle into the new one (a copy across file systems).
+
+    Passes never write into an existing file: they write new files (``Workspace.save``), so a
+    link shares only what no pass changed; a real-size bundle is tens of GB. ONNX Runtime loads
+    hard-linked external data; sorakit reads weights itself (``onnx_utils.load``) because onnx
+    refuses them.
+    """
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _fresh(d: Path) -> None:
@@ -154,7 +170,14 @@ def verify_exact(ws: Workspace, old: GraphEntry, new: GraphEntry, manifest: Mani
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    shapes = {t.name: t.shape for t in new.inputs}
+    # symbolic dimensions of the new graph are checked at the old graph's sizes; the prompt's token
+    # count (pass text_tokens, symbolic in both) at the length the encoder was exported for
+    from sorakit.graph_passes.text_tokens import DIM as TOKENS
+
+    known = {TOKENS: int(manifest.tokenizer.get("max_length", 0) or 0)}
+    shapes = {t.name: [o if not isinstance(d, int) else d for d, o in zip(t.shape, old_t.shape)]
+              for t, old_t in zip(new.inputs, old.inputs)}
+    shapes = {k: [known.get(d, d) if isinstance(d, str) else d for d in v] for k, v in shapes.items()}
     feeds = sample_inputs(new, manifest, shapes)
     a = ort.InferenceSession(str(ws.path(old.file)), so, providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(ws.path(new.file)), so, providers=["CPUExecutionProvider"])
@@ -174,7 +197,7 @@ def verify_exact(ws: Workspace, old: GraphEntry, new: GraphEntry, manifest: Mani
 
 
 def run_gate(name: str, ws: Workspace, before: Manifest, after: Manifest, threshold: float, force: bool,
-             steps: int | None) -> dict[str, Any]:
+             steps: int | None, precision: str | None = None) -> dict[str, Any]:
     """End-to-end SSIM of videos from fixed prompts/seeds, before vs after the pass."""
     from sorakit.metrics import psnr, video_ssim
     from sorakit.runtime.pipeline import Pipeline
@@ -184,7 +207,7 @@ def run_gate(name: str, ws: Workspace, before: Manifest, after: Manifest, thresh
         return {"skipped": f"the bundle lacks {missing}; no end-to-end gate", "threshold": threshold}
     steps = steps or int(after.sampler.get("num_steps", 30))
     pa = Pipeline(Bundle(ws.root, before, verify="none"), memory_budget="unlimited", verify=False)
-    pb = Pipeline(Bundle(ws.root, after, verify="none"), memory_budget="unlimited", verify=False)
+    pb = Pipeline(Bundle(ws.root, after, verify="none"), memory_budget="unlimited", verify=False, precision=precision)
     ssims, psnrs = [], []
     for i, prompt in enumerate(GATE_PROMPTS):
         if name == "tdtm":
