@@ -133,24 +133,48 @@ def child(target: str, exporter: str, work: str) -> dict:
     return res
 
 
+def child_bundle(preset_name: str, exporter: str, work: str) -> dict:
+    """A whole bundle of a small preset, verified (what the tests and ``export.ship`` pay)."""
+    import shutil
+
+    from sorakit.export.exporter import ExportSettings, export_bundle
+    from sorakit.memory import PeakRSS, rss_bytes
+    from sorakit.presets import get_preset
+
+    p = get_preset(preset_name)
+    out = Path(work) / f"bundle-{preset_name}-{exporter}"
+    shutil.rmtree(out, ignore_errors=True)
+    base = rss_bytes()
+    peak = PeakRSS()
+    peak.reset()
+    t0 = time.perf_counter()
+    r = export_bundle(ExportSettings(p, p.resolution[0], p.resolution[1], p.num_frames, exporter=exporter), out)
+    return {"bundle": preset_name, "exporter": exporter, "seconds": time.perf_counter() - t0,
+            "peak_rss_bytes": peak.peak(), "base_rss_bytes": base, "graphs": len(r.pieces),
+            "max_abs_err": max(x.max_abs_err for x in r.pieces), "end_to_end": r.end_to_end}
+
+
 def run_child(target: str, exporter: str, work: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.exporters", "--child", json.dumps([target, exporter, str(work)])]
+    if target.startswith("bundle:"):
+        cmd[-1] = json.dumps([target.split(":", 1)[1], exporter, str(work)])
+        cmd[-2] = "--bundle-child"
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-4000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def report(rows: list[dict], out: Path) -> None:
+def report(rows: list[dict], out: Path, bundles: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "exporters.json").write_text(json.dumps(rows, indent=1))
+    (out / "exporters.json").write_text(json.dumps({"graphs": rows, "bundles": bundles}, indent=1))
     mb = 1e6
     lines = [
         f"torch {rows[0]['torch']}, opset 18, {rows[0]['threads']} threads; one piece per row with deterministic random "
         "weights; time and peak RSS of `export_graph` (export, TDTM marks, save with external data), in a process of "
         "its own, after a first small export that pays the exporter's start-up (its time in brackets); parity: ONNX "
         "Runtime against the torch module on seeded inputs.", "",
-        "| graph | params | exporter | seconds (first export of the process) | peak RSS above start, MB | "
+        "| graph | params | exporter | seconds (exporter start-up) | peak RSS above start, MB | "
         "graph MB (.onnx + .data) | nodes | nodes after prune | TDTM marks | max abs err |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -165,6 +189,15 @@ def report(rows: list[dict], out: Path) -> None:
             f"({r['warm_up_seconds']:.1f}) | {(r['peak_rss_bytes'] - r['base_rss_bytes']) / mb:.0f} | "
             f"{r['onnx_bytes'] / mb:.2f} + {r['data_bytes'] / mb:.1f} | {r['nodes']} | {r['nodes_after_prune']} | "
             f"{marks} | {r['max_abs_err']:.1e} |")
+    if bundles:
+        lines += ["", "Whole bundles of the small presets (every graph exported and verified, the chain and a 2-step "
+                  "generation checked end to end), one process each:", "",
+                  "| bundle | exporter | graphs | seconds | peak RSS above start, MB | max abs err (graphs) | "
+                  "end to end max abs err |", "|---|---|---:|---:|---:|---:|---:|"]
+        for b in bundles:
+            e2e = b["end_to_end"]["max_abs_err"] if b.get("end_to_end") else float("nan")
+            lines.append(f"| {b['bundle']} | {b['exporter']} | {b['graphs']} | {b['seconds']:.0f} | "
+                         f"{(b['peak_rss_bytes'] - b['base_rss_bytes']) / mb:.0f} | {b['max_abs_err']:.1e} | {e2e:.1e} |")
     (out / "exporters.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -203,11 +236,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/sorakit-exporters"))
     ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--bundles", default="tiny,shapes", help="whole bundles to export with each exporter")
     ap.add_argument("--child")
+    ap.add_argument("--bundle-child")
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(*json.loads(a.child))))
         return
+    if a.bundle_child:
+        print(json.dumps(child_bundle(*json.loads(a.bundle_child))))
+        return
+    bundles = []
+    for name in filter(None, a.bundles.split(",")):
+        for exp in EXPORTERS:
+            print(f"bundle {name}: {exp}...", flush=True, file=sys.stderr)
+            bundles.append(run_child(f"bundle:{name}", exp, a.work))
     rows = []
     for target in a.targets.split(","):
         if target not in TARGETS:
@@ -215,7 +258,7 @@ def main() -> None:
         for exp in EXPORTERS:
             print(f"{target}: {exp}...", flush=True, file=sys.stderr)
             rows.append(run_child(target, exp, a.work))
-    report(rows, a.out)
+    report(rows, a.out, bundles)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def _check_bundle(root, tmp_path):
         assert tdtm_mod.boundaries(new) == tdtm_mod.boundaries(model), entry.name
         # the same outputs as the former prune and as the graph itself, on seeded inputs
         d = tmp_path / entry.name
-        d.mkdir()
+        d.mkdir(parents=True)
         shutil.copy(root / entry.data, d / (root / entry.data).name)
         onnx.save(new, str(d / "new.onnx"))
         onnx.save(old, str(d / "old.onnx"))
@@ -149,3 +149,22 @@ def test_text_tokens_runs_before_prune_and_refuses_after_it(tiny_bundle, tmp_pat
     with pytest.raises(SorakitError, match="'text_tokens' must run before prune"):
         optimize_bundle(tmp_path / "pruned", tmp_path / "late", "text_tokens")
     assert not (tmp_path / "late").exists()
+
+
+def test_prune_and_tdtm_on_the_default_exporters_graphs(tiny_transformer_dynamo, tmp_path):
+    """The default exporter (dynamo) writes graphs that verify against torch, keep the TDTM
+    marks, prune like the former prune, and take the tdtm and prune passes."""
+    from sorakit.graph_passes.pipeline import optimize_bundle
+
+    out, report = tiny_transformer_dynamo
+    manifest = Bundle.open(out).manifest
+    assert manifest.export["exporter"] == "dynamo"
+    assert all(r.max_abs_err is not None and r.max_abs_err < 1e-4 for r in report.pieces)
+    for g in manifest.components["transformer"].by_role("block"):
+        assert len(tdtm_mod.boundaries(onnx.load(str(out / g.file), load_external_data=False))) == 6
+    _check_bundle(out, tmp_path / "parity")
+    rep = optimize_bundle(out, tmp_path / "opt", "tdtm,prune", gates={"tdtm": None})
+    prune = next(r for r in rep.records if r.name == "prune")
+    assert all(c.max_abs_err is not None and c.max_abs_err <= 1e-5 for c in prune.changes)
+    assert all("tdtm" in g.variants for g in Bundle.open(tmp_path / "opt").manifest.components["transformer"]
+               .by_role("block"))

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
-import onnx_ir.passes.common as ir_passes
 from onnx import numpy_helper, shape_inference
 
 IR_VERSION = 9  # onnxruntime 1.31 loads at most IR 13; keep what the exporters write
@@ -114,13 +112,27 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     return out
 
 
-def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with its nodes in a stable topological order (onnx-ir's sort; raises on a cycle)."""
-    m = ir.serde.deserialize_model(model)
-    ir_passes.TopologicalSortPass()(m)
-    out = ir.serde.serialize_model(m)
-    out.ir_version = model.ir_version
-    return out
+def toposort(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so every node comes after the producers of its inputs (stable)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progressed = False
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                ordered.append(n)
+                available.update(n.output)
+                progressed = True
+            else:
+                rest.append(n)
+        if not progressed:
+            missing = sorted({i for n in rest for i in n.input if i not in available})[:5]
+            raise ValueError(f"graph has a cycle or undefined inputs: {missing}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def clear_shapes(graph: onnx.GraphProto) -> None:

@@ -282,8 +282,8 @@ def inject(model: onnx.ModelProto, positions: str = "midpoint", scope: str = "at
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
     _drop_unused_initializers(g)
-    m = toposort(m)
-    clear_shapes(m.graph)
+    clear_shapes(g)
+    toposort(g)
     return TDTMResult(m, T, Tm, mods)
 
 
