@@ -49,12 +49,15 @@ def tiny_models():
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
-    """The tiny preset exported once (static 64x64, 17 frames), verified against torch."""
+    """The tiny preset exported once (static 64x64, 17 frames), verified against torch.
+
+    The session fixtures use TorchScript on purpose: on models this small it exports twice as fast
+    as dynamo, the default (docs/export.md); ``tiny_transformer_dynamo`` covers the default."""
     from sorakit.export.exporter import ExportSettings, export_bundle
     from sorakit.presets import tiny_preset
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    report = export_bundle(ExportSettings(tiny_preset(), 64, 64, 17), out)
+    report = export_bundle(ExportSettings(tiny_preset(), 64, 64, 17, exporter="torchscript"), out)
     return out, report
 
 
@@ -66,7 +69,8 @@ def shapes_random_bundle(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundles") / "shapes-random"
     p = shapes_preset()
-    export_bundle(ExportSettings(p, p.resolution[0], p.resolution[1], p.num_frames, verify=False), out)
+    export_bundle(ExportSettings(p, p.resolution[0], p.resolution[1], p.num_frames, verify=False, exporter="torchscript"),
+                  out)
     return out
 
 
@@ -84,8 +88,20 @@ def tiny_transformer_even(tmp_path_factory):
     from sorakit.presets import tiny_preset
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-even"
-    export_bundle(ExportSettings(tiny_preset(), 64, 64, 34, components=("transformer",), verify=False), out)
+    export_bundle(ExportSettings(tiny_preset(), 64, 64, 34, components=("transformer",), verify=False,
+                                 exporter="torchscript"), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer_dynamo(tmp_path_factory):
+    """The tiny transformer with the default exporter (dynamo), every graph verified against torch."""
+    from sorakit.export.exporter import ExportSettings, export_bundle
+    from sorakit.presets import tiny_preset
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-dynamo"
+    report = export_bundle(ExportSettings(tiny_preset(), 64, 64, 17, components=("transformer",)), out)
+    return out, report
 
 
 @pytest.fixture(scope="session")

@@ -526,3 +526,35 @@ def test_coreml_numeric_parity(coreml_dir):
                                                     ["like_bundle"]), random_weights=True, only=("transformer",),
                                           numeric_check=True), out.parent / "numeric")
     assert all(p.numeric["psnr_db"] >= 35 for p in report.pieces)
+
+
+@pytest.mark.parametrize("style", ["fixed", "runtime"])
+def test_convert_to_ort_follows_the_ort_converter(tiny_bundle, tmp_path, style):
+    """package.convert_to_ort is a copy of ORT's convert_onnx_models_to_ort for one model: it must
+    follow the installed onnxruntime (a new ORT fails here until the copy is re-checked) and write
+    what the tool writes (same size, same operators, same outputs; the bytes are not stable
+    between two runs of either)."""
+    from sorakit.devices import package
+
+    assert ort.__version__ == package.ORT_CONVERTER_VERSION, "re-check convert_to_ort against this ORT's converter"
+    entry = Bundle.open(tiny_bundle[0]).manifest.graph("transformer.block.00")
+    src = tmp_path / "g" / "block.onnx"
+    src.parent.mkdir()
+    shutil.copy(tiny_bundle[0] / entry.file, src)
+    shutil.copy(tiny_bundle[0] / entry.data, src.parent / Path(entry.data).name)
+    ours = package.convert_to_ort(src, tmp_path / "ours" / "block.ort", style, arm=True)
+    tool = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(src),
+                           "--output_dir", str(tmp_path / "tool"), "--target_platform", "arm",
+                           "--optimization_style", style.capitalize()], capture_output=True, text=True)
+    assert tool.returncode == 0, tool.stderr[-2000:]
+    theirs = next((tmp_path / "tool").glob("*.ort"))
+    assert ours.stat().st_size == theirs.stat().st_size
+    names = {ours: "ours", theirs: "theirs"}
+    ops = [package.write_operator_config([p], tmp_path / f"{names[p]}.config", {p: names[p]}) for p in (ours, theirs)]
+    assert ops[0] == ops[1] and ops[0]
+    from sorakit.graph_passes.pipeline import sample_inputs
+
+    feeds = sample_inputs(entry, Bundle.open(tiny_bundle[0]).manifest)
+    a = ort.InferenceSession(str(ours)).run(None, feeds)
+    b = ort.InferenceSession(str(theirs)).run(None, feeds)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -267,3 +267,36 @@ def test_flops_count_5d_convs_behind_a_computed_pad(tmp_path):
     assert "Pad" in ops and "Conv" in ops
     # output [1, 5, 3, 4, 4]; each element is 2 x 27 multiply-adds
     assert count_flops(path) == 2 * (5 * 3 * 4 * 4) * (2 * 27)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 10])
+def test_tdtm_mirrors_the_torch_reference(T):
+    """graph_passes/tdtm.py writes in ONNX what export/tdtm.py and export/stdit3.rope_tables do in
+    torch: merge/unmerge around a marked region, and the RoPE tables at merged positions."""
+    from onnx import helper as oh
+
+    from sorakit.export.stdit3 import rope_tables
+    from sorakit.export.tdtm import TokenMerge
+
+    S, C, mod = 3, 4, "spatial_blocks.0.attn"
+    graph = oh.make_graph(
+        [oh.make_node("Mul", ["x", "two"], [mod + tdtm_mod.TDTM_IN], name=f"/{mod}/in"),
+         oh.make_node("Tanh", [mod + tdtm_mod.TDTM_IN], [mod + tdtm_mod.TDTM_OUT], name=f"/{mod}/tanh"),
+         oh.make_node("Add", [mod + tdtm_mod.TDTM_OUT, "x"], ["y"], name="/residual")],
+        "g", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, T, S, C])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, T, S, C])],
+        [onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)])
+    model.ir_version = 9
+    merged = tdtm_mod.inject(model).model
+    x = np.random.default_rng(T).standard_normal((1, T, S, C)).astype(np.float32)
+    got = ort.InferenceSession(merged.SerializeToString()).run(None, {"x": x})[0]
+    xt = torch.from_numpy(x)
+    want = (TokenMerge.unmerge_to(torch.tanh(TokenMerge.merge(xt * 2)), T) + xt).numpy()
+    assert np.abs(got - want).max() <= 1e-6
+    for mode in tdtm_mod.POSITIONS:
+        freqs = torch.tensor([1.0, 0.1, 0.01])
+        pos = tdtm_mod.merged_positions(T, mode)
+        cos, sin = rope_tables(freqs, torch.from_numpy(pos))
+        cos_np, sin_np = tdtm_mod.rope_tables_np(freqs.numpy(), pos)
+        assert np.abs(cos.numpy() - cos_np).max() <= 1e-6 and np.abs(sin.numpy() - sin_np).max() <= 1e-6

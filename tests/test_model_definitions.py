@@ -135,3 +135,26 @@ def test_random_weights_are_not_training_init():
         out = m(x, torch.tensor([500.0, 500.0]), y, torch.ones(1, preset.stdit.model_max_length, dtype=torch.long))
     assert out.abs().mean() > 0.1
     assert np.isfinite(out.numpy()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_rmsnorm_is_both_llama_rmsnorm_and_t5_layer_norm(dtype):
+    """STDiT3's q/k norm (LlamaRMSNorm in Open-Sora) and T5's layer norm are one class: the same
+    values as both transformers classes whenever input and weight share a dtype."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    from sorakit.export.stdit3 import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, generator=g) + 1.0
+    x = (torch.randn(3, 5, 48, generator=g) * 4).to(dtype)
+    ours, llama, t5 = RMSNorm(48, 1e-6), LlamaRMSNorm(48, eps=1e-6), T5LayerNorm(48, eps=1e-6)
+    for m in (ours, llama, t5):
+        m.weight.data = weight.clone()
+        m.to(dtype)
+    assert set(ours.state_dict()) == set(llama.state_dict()) == set(t5.state_dict()) == {"weight"}
+    with torch.no_grad():
+        got, want_llama, want_t5 = ours(x), llama(x), t5(x)
+    assert got.dtype == dtype
+    assert torch.equal(got, want_llama) and torch.equal(got, want_t5)

@@ -145,3 +145,33 @@ def test_dynamic_lpl_restarts_its_watch_at_the_guidance_switch():
     _, report = np_sample(guided_toy_np, z0, ts, 7.0, lpl, guidance_max_t=float(ts[switch - 1] + ts[switch]) / 2)
     assert report.cfg_scales[switch - 1 : switch + 1] == [1.0, 7.0]
     assert report.leap_step == [switch + 1 + 3]
+
+
+@pytest.mark.parametrize("transform", [True, False])
+@pytest.mark.parametrize("max_t", [None, 800.0])
+def test_runtime_sampler_mirrors_the_torch_reference(transform, max_t):
+    """runtime/sampler.py is a numpy mirror of export/sampler.py: the same schedules and the same
+    trajectory (CFG, guidance interval) on the same inputs, over a spread of geometries."""
+    cfg = SamplerConfig(use_timestep_transform=transform, guidance_max_t=max_t)
+    for steps, (h, w), lat in ((7, (64, 64), 1), (30, (144, 256), 5), (30, (720, 1280), 20), (13, (256, 256), 17)):
+        ts_np = timestep_schedule(cfg, steps, h, w, lat)
+        ts_torch = torch.cat(schedule(cfg, steps, h, w, lat)).numpy()
+        assert ts_np.dtype == np.float32
+        assert np.array_equal(ts_np, ts_torch), (steps, h, w, np.abs(ts_np - ts_torch).max())
+    rng = np.random.default_rng(11)
+    z0 = rng.standard_normal((2, 2, 5, 3, 3)).astype(np.float32)
+    weights = rng.standard_normal((4, 2)).astype(np.float32)
+
+    def model_np(z_in, t, step, active):  # nonlinear in z and t; prompt and null halves differ
+        v = np.tanh(np.einsum("oc,bcthw->bothw", weights, z_in)) * (t / 1000)[:, None, None, None, None]
+        if len(z_in) == 2 * len(active):
+            v[len(active):] *= np.float32(0.3)
+        return v.astype(np.float32)
+
+    def model_torch(z_in, t):
+        return torch.from_numpy(model_np(z_in.numpy(), t.numpy(), 0, np.arange(len(z0))))
+
+    ts = timestep_schedule(cfg, 30, 144, 256, z0.shape[2])
+    got, _ = np_sample(model_np, z0, ts, 6.0, guidance_max_t=max_t)
+    want = torch_sample(model_torch, torch.from_numpy(z0), height=144, width=256, cfg=cfg, cfg_scale=6.0).numpy()
+    assert np.abs(got - want).max() <= 1e-5

@@ -150,8 +150,15 @@ def resolve_style(style: str, profile: DeviceProfile) -> str:
     return style
 
 
+# Copy of onnxruntime.tools.convert_onnx_models_to_ort._convert (one model, in-process, without the tool's
+# torch-importing package): follows onnxruntime 1.31.1. Keep in sync when the pinned onnxruntime changes;
+# tests/test_devices.py::test_convert_to_ort_follows_the_ort_converter compares it with the tool.
+ORT_CONVERTER_VERSION = "1.31.1"
+
+
 def convert_to_ort(src: Path, dst: Path, style: str, arm: bool = True, runtime_opt: str | None = None) -> Path:
-    """One .onnx -> .ort with ORT's own serializer (what convert_onnx_models_to_ort does per model).
+    """One .onnx -> .ort with ORT's own serializer (what convert_onnx_models_to_ort does per model,
+    with ``--target_platform arm`` when ``arm``; see the comment above for the ORT version).
 
     ``style``: "fixed" (all optimizations applied now) or "runtime" (basic now, the rest saved
     for replay); ``runtime_opt="apply"`` produces the graph a runtime-style file becomes when

@@ -20,6 +20,8 @@ import torch
 from sorakit.presets import SamplerConfig
 
 
+# Mirror of sorakit.runtime.sampler.timestep_schedule: keep in sync
+# (tests/test_sampler_schedules.py::test_runtime_sampler_mirrors_the_torch_reference).
 def timestep_transform(
     t: torch.Tensor, height: float, width: float, latent_frames: int, cfg: SamplerConfig
 ) -> torch.Tensor:
@@ -44,6 +46,8 @@ def schedule(cfg: SamplerConfig, num_steps: int, height: float, width: float, la
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# Mirror of sorakit.runtime.sampler.rflow_sample (without LPL): keep in sync
+# (tests/test_sampler_schedules.py::test_runtime_sampler_mirrors_the_torch_reference).
 @torch.no_grad()
 def rflow_sample(
     model_fn: ModelFn,

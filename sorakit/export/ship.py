@@ -46,7 +46,9 @@ def build_template(assets: Path = SHIPPED, out: Path = TEMPLATE, progress=None) 
     h, w = preset.resolution
     with tempfile.TemporaryDirectory(prefix="sorakit-ship-") as tmp:
         plain, full = Path(tmp) / "plain", Path(tmp) / "bundle"
-        export_bundle(ExportSettings(preset, h, w, preset.num_frames), plain,
+        # TorchScript on purpose: the template must be reproducible byte for byte (a test rebuilds it), it
+        # was built with it, and on a model this small it exports twice as fast as dynamo (docs/export.md)
+        export_bundle(ExportSettings(preset, h, w, preset.num_frames, exporter="torchscript"), plain,
                       {c: assets / c for c in COMPONENTS}, progress=progress,
                       tokenizer_source=assets / "tokenizer.json")
         optimize_bundle(plain, full, ["tdtm"], settings={"tdtm": {"scope": TDTM_SCOPE}}, gates={"tdtm": None})

@@ -60,6 +60,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> to
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+# Mirror of sorakit.graph_passes.tdtm.rope_tables_np: keep in sync
+# (tests/test_graph_passes.py::test_tdtm_mirrors_the_torch_reference).
 def rope_tables(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed-sin tables [T, head_dim] for interleaved-pair RoPE at float positions."""
     half = dims(freqs)[0]
@@ -98,7 +100,14 @@ class RotaryEmbedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """LlamaRMSNorm: computed in fp32, weight applied after casting back."""
+    """weight * x / sqrt(mean(x^2) + eps), the statistics in fp32; checkpoint key ``weight``.
+
+    One class for STDiT3's q/k norm (Open-Sora's LlamaRMSNorm) and T5's layer norm (transformers'
+    T5LayerNorm, ``export/t5.py``). They compute the same thing whenever the input and the weight
+    share a dtype (always in sorakit: checkpoints are upcast to fp32 on load, fp16 is a graph
+    pass); they differ only when they do not: LlamaRMSNorm casts the normalised value back to
+    the input's dtype before the weight (as here), T5LayerNorm to the weight's.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

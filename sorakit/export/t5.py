@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sorakit.export.stdit3 import dims
+from sorakit.export.stdit3 import RMSNorm, dims  # one RMSNorm for both models (see its docstring)
 from sorakit.presets import T5Config
 
 MASK_MIN = torch.finfo(torch.float32).min  # what transformers adds for padded keys
@@ -68,19 +68,6 @@ def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, 
     ).to(torch.long)
     large = torch.minimum(large, torch.full_like(large, num_buckets - 1))
     return buckets + torch.where(is_small, n, large)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)  # in the input's dtype, so a bf16 model stays bf16
 
 
 class _Bias(nn.Module):

@@ -21,6 +21,8 @@ class TokenMerge:
     mode: str = "midpoint"
     scope: str = "attention"  # "block": the MLPs run on merged frames too
 
+    # Mirror of sorakit.graph_passes.tdtm._merge_nodes: keep in sync
+    # (tests/test_graph_passes.py::test_tdtm_mirrors_the_torch_reference and test_tdtm_matches_torch_reference).
     @staticmethod
     def merge(x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]
@@ -28,6 +30,8 @@ class TokenMerge:
         out = (x[:, 0:te:2] + x[:, 1:te:2]) * 0.5
         return torch.cat([out, x[:, T - 1 : T]], dim=1) if T % 2 else out
 
+    # Mirror of sorakit.graph_passes.tdtm._unmerge_nodes: keep in sync
+    # (tests/test_graph_passes.py::test_tdtm_mirrors_the_torch_reference and test_tdtm_matches_torch_reference).
     @staticmethod
     def unmerge_to(y: torch.Tensor, T: int) -> torch.Tensor:
         pairs = T // 2

@@ -152,17 +152,3 @@ def initializer_array(model_dir: Path, init: onnx.TensorProto) -> np.ndarray:
         read_external(Path(model_dir), t)
         return numpy_helper.to_array(t)
     return numpy_helper.to_array(init)
-
-
-def node_count(model: onnx.ModelProto) -> int:
-    return len(model.graph.node)
-
-
-def external_files(model: onnx.ModelProto) -> set[str]:
-    files = set()
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            for kv in init.external_data:
-                if kv.key == "location":
-                    files.add(kv.value)
-    return files

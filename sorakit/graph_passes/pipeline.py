@@ -170,9 +170,14 @@ def verify_exact(ws: Workspace, old: GraphEntry, new: GraphEntry, manifest: Mani
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    # symbolic dimensions of the new graph are checked at the old graph's sizes
+    # symbolic dimensions of the new graph are checked at the old graph's sizes; the prompt's token
+    # count (pass text_tokens, symbolic in both) at the length the encoder was exported for
+    from sorakit.graph_passes.text_tokens import DIM as TOKENS
+
+    known = {TOKENS: int(manifest.tokenizer.get("max_length", 0) or 0)}
     shapes = {t.name: [o if not isinstance(d, int) else d for d, o in zip(t.shape, old_t.shape)]
               for t, old_t in zip(new.inputs, old.inputs)}
+    shapes = {k: [known.get(d, d) if isinstance(d, str) else d for d in v] for k, v in shapes.items()}
     feeds = sample_inputs(new, manifest, shapes)
     a = ort.InferenceSession(str(ws.path(old.file)), so, providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(ws.path(new.file)), so, providers=["CPUExecutionProvider"])

@@ -185,6 +185,8 @@ def merged_positions(T: int, mode: str = "midpoint") -> np.ndarray:
     return np.asarray(pos, dtype=np.float32)
 
 
+# Mirror of sorakit.export.stdit3.rope_tables: keep in sync
+# (tests/test_graph_passes.py::test_tdtm_mirrors_the_torch_reference and test_tdtm_matches_torch_reference).
 def rope_tables_np(freqs: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """cos and signed-sin tables [T, D] of interleaved-pair RoPE (as ``export.stdit3.rope_tables``)."""
     angles = (positions.astype(np.float32)[:, None] * freqs.astype(np.float32)[None, :]).astype(np.float32)
@@ -313,6 +315,8 @@ def _reaches(g: onnx.GraphProto, cons, start: str, goal: str) -> list[onnx.NodeP
     return result
 
 
+# Mirror of sorakit.export.tdtm.TokenMerge.merge: keep in sync
+# (tests/test_graph_passes.py::test_tdtm_mirrors_the_torch_reference and test_tdtm_matches_torch_reference).
 def _merge_nodes(x: str, out: str, T: int, tag: str, mod: str) -> list[onnx.NodeProto]:
     p = mod + ".tdtm"
     nodes = [
@@ -334,6 +338,8 @@ def _merge_nodes(x: str, out: str, T: int, tag: str, mod: str) -> list[onnx.Node
     return nodes
 
 
+# Mirror of sorakit.export.tdtm.TokenMerge.unmerge_to: keep in sync
+# (tests/test_graph_passes.py::test_tdtm_mirrors_the_torch_reference and test_tdtm_matches_torch_reference).
 def _unmerge_nodes(y: str, out: str, T: int, tag: str, mod: str) -> list[onnx.NodeProto]:
     p = mod + ".tdtm"
     pairs_in = y

@@ -66,24 +66,28 @@ def make_dynamic(model: onnx.ModelProto, length: int, graph_name: str) -> onnx.M
                 shape = c[1].copy()
                 shape[1] = 0  # "as the input": the data input's axis 1 is the token axis
                 name = f"{n.input[1]}__{DIM}"
-                g.initializer.append(numpy_helper.from_array(shape.astype(np.int64), name))
+                if name not in handled:  # one shape constant may feed several Reshapes (after prune's CSE)
+                    g.initializer.append(numpy_helper.from_array(shape.astype(np.int64), name))
+                    handled.add(name)
                 n.input[1] = name
-                handled.add(name)
         elif n.op_type == "Gather":
             c = _constant(g, n.input[1], prods, inits)
             if c is not None and c[1].shape == (length, length):
                 if token_source is None:
                     raise SorakitError(f"{graph_name}: node {n.name} needs the token count, but the graph has no "
                                        "token input")
-                base = f"{n.input[1]}__{DIM}"
+                table = n.input[1]
+                base = f"{table}__{DIM}"
+                n.input[1] = base
+                if base in handled:  # the same table feeds several Gathers: one Slice serves them all
+                    continue
                 new_nodes += [
                     helper.make_node("Shape", [token_source], [base + "_shape"], start=1, end=2),
                     helper.make_node("Concat", [base + "_shape", base + "_shape"], [base + "_ends"], axis=0),
-                    helper.make_node("Slice", [n.input[1], base + "_starts", base + "_ends", base + "_axes"], [base]),
+                    helper.make_node("Slice", [table, base + "_starts", base + "_ends", base + "_axes"], [base]),
                 ]
                 g.initializer.extend([numpy_helper.from_array(np.zeros(2, np.int64), base + "_starts"),
                                       numpy_helper.from_array(np.array([0, 1], np.int64), base + "_axes")])
-                n.input[1] = base
                 handled.add(base)
     # anything else still holding the length is a shape this pass does not understand
     for n in g.node:
@@ -123,6 +127,10 @@ class TextTokensPass(GraphPass):
             raise SorakitError(f"the bundle already carries pass {self.name!r}; applying it twice is refused")
         if "text_encoder" not in manifest.components:
             raise SorakitError("pass 'text_tokens' needs the text encoder, which this bundle lacks")
+        folded = [p["name"] for p in manifest.passes if p["name"] in ("prune", "simplify")]
+        if folded:  # they fold the position bias of a small T5 into a constant of max_length tokens
+            raise SorakitError(f"pass 'text_tokens' must run before {', '.join(folded)}, which this bundle already "
+                               f"carries; apply it to the bundle as exported (e.g. --passes text_tokens,{folded[0]})")
         first = manifest.components["text_encoder"].graphs[0].inputs[0]
         if not isinstance(first.shape[1], int):
             raise SorakitError("the text encoder's token axis is already dynamic")

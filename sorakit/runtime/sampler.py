@@ -33,6 +33,8 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
+# Mirror of sorakit.export.sampler.schedule (and timestep_transform): keep in sync
+# (tests/test_sampler_schedules.py::test_runtime_sampler_mirrors_the_torch_reference).
 def timestep_schedule(
     cfg: SamplerConfig, num_steps: int, height: float, width: float, latent_frames: int
 ) -> np.ndarray:
@@ -149,6 +151,8 @@ def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (a * b).sum(1) / np.maximum(den, 1e-30), 0.0)
 
 
+# Mirror of sorakit.export.sampler.rflow_sample, plus LPL (which the torch reference does not have):
+# keep in sync (tests/test_sampler_schedules.py::test_runtime_sampler_mirrors_the_torch_reference).
 def rflow_sample(
     model: VelocityFn,
     z: np.ndarray,
