@@ -48,10 +48,17 @@ def audit(
     nodes: Annotated[bool, typer.Option("--nodes", help="List every fallback node with its reasons")] = False,
     optimize: Annotated[bool, typer.Option(help="Apply ORT's basic optimizations first (what runs before "
                                                  "partitioning)")] = True,
+    compare_ort: Annotated[bool, typer.Option("--compare-ort", help="Also run ORT's own checker "
+                                              "(check_onnx_model_mobile_usability, Core ML ML Program) on every "
+                                              "graph and show where the estimates differ")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Which nodes of each graph the device's execution provider would take, which fall back to the CPU and why."""
     from sorakit.devices.audit import REASONS, audit_bundle
+
+    if compare_ort:
+        _compare_ort(bundle, device, graphs, as_json)
+        return
 
     with progress_bar(transient=True) as bar:
         task = bar.add_task("audit", total=None)
@@ -70,24 +77,71 @@ def audit(
         raise typer.Exit(code=1)
 
 
+def _compare_ort(bundle, device, graphs, as_json: bool) -> None:
+    from sorakit.bundle.io import Bundle
+    from sorakit.devices.audit import compare_with_ort_checker
+
+    b = Bundle.open(bundle, verify="lazy")
+    entries = [g for g in b.manifest.all_graphs() if not graphs or any(g.name.startswith(p) for p in graphs)]
+    if not entries:
+        raise SorakitError(f"no graph of {bundle} matches {graphs}")
+    rows = []
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("ORT checker", total=len(entries))
+        for g in entries:
+            rows.append(compare_with_ort_checker(b.path(g.file), device, name=g.name))
+            bar.advance(task)
+    if as_json:
+        print_json([r.to_dict() for r in rows])
+        return
+    table = Table(title=f"{bundle} on {device}: ORT's checker vs sorakit's audit (nodes on the Core ML EP, partitions)")
+    for col in ("graph", "nodes", "ORT checker", "sorakit", "only sorakit rejects"):
+        table.add_column(col, justify="right" if col == "nodes" else "left", no_wrap=col == "graph")
+    for r in rows:
+        why = ", ".join(f"{k}x{v}" for k, v in sorted(r.only_sorakit_rejects.items())) or "-"
+        table.add_row(r.graph, str(r.ort_nodes), f"{r.ort_on_ep} on EP, {r.ort_partitions} partition(s)",
+                      f"{r.sorakit_on_ep} on EP, {r.sorakit_partitions} partition(s)", why)
+    console.print(table)
+    console.print("ORT's checker decides by op type, fixed input sizes and rank <= 5; sorakit adds what ORT's Core ML "
+                  "EP checks when it builds the model (dim: a dimension over 16384, conv3d, dtype, constant "
+                  "parameters). See docs/devices.md.", highlight=False)
+
+
 def _print_audit(report, nodes: bool, reasons: dict[str, str]) -> None:
     fmt = f" ({report.model_format})" if report.model_format else ""
     title = f"{report.bundle} on {report.device}: {report.provider}{fmt}"
     table = Table(title=title)
-    for col in ("graph", "nodes", "on EP", "on CPU", "partitions", "fallback ops", "reasons", ""):
+    ane = any(g.neural_engine is not None for g in report.graphs)
+    cols = ["graph", "nodes", "on EP", "on CPU", "partitions", "fallback ops", "reasons", ""] + (["ANE"] if ane else [])
+    for col in cols:
         table.add_column(col, justify="right" if col in ("nodes", "on EP", "on CPU", "partitions") else "left",
-                         no_wrap=col in ("graph", ""))
+                         no_wrap=col in ("graph", "", "ANE"))
     for g in report.graphs:
         ops = ", ".join(f"{k}×{v}" for k, v in sorted(g.fallback_ops().items()))
         why = ", ".join(f"{k}×{v}" for k, v in sorted(g.reason_counts().items()))
         mark = "[green]clean[/]" if g.clean else "[red]fallback[/]"
-        table.add_row(g.graph, str(g.nodes), str(g.nodes_on_ep), str(g.nodes - g.nodes_on_ep), str(g.partitions),
-                      ops or "-", why or "-", mark)
+        row = [g.graph, str(g.nodes), str(g.nodes_on_ep), str(g.nodes - g.nodes_on_ep), str(g.partitions),
+               ops or "-", why or "-", mark]
+        if ane:
+            row.append("-" if g.neural_engine is None else ("[green]yes[/]" if g.neural_engine.eligible else "no"))
+        table.add_row(*row)
     console.print(table)
     clean = sum(g.clean for g in report.graphs)
     console.print(f"{clean}/{len(report.graphs)} graphs clean (one partition, every node on {report.provider}); "
                   f"{report.fallback_nodes} node(s) fall back to the CPU"
                   + (f"; op list: {report.op_list}" if report.op_list else ""), highlight=False)
+    if ane:
+        eligible = sum(bool(g.neural_engine and g.neural_engine.eligible) for g in report.graphs)
+        console.print(f"{eligible}/{len(report.graphs)} graphs Neural-Engine-eligible (fp16 throughout, static "
+                      "shapes, every node on Core ML)", highlight=False)
+        why_not: dict[str, list[str]] = {}
+        for g in report.graphs:
+            for w in (g.neural_engine.why_not if g.neural_engine else []):
+                key = w.split(" (")[0] if w.startswith("fp32 islands") or w.startswith("the graph computes") else w
+                why_not.setdefault(key, []).append(g.graph)
+        for w, names in why_not.items():
+            where = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
+            console.print(escape(f"  not on the Neural Engine [{where}]: {w}"), highlight=False)
     used = sorted({r.code for g in report.graphs for f in g.fallbacks for r in f.reasons})
     if used:
         console.print("[bold]reasons[/]")
@@ -193,6 +247,11 @@ def export_coreml(
                                                                    "bundle's setting)")] = None,
     graphs: Annotated[list[str] | None, typer.Option("--graph", help="Only graphs whose name starts with this; "
                                                                        "repeatable")] = None,
+    tdtm: Annotated[bool, typer.Option(help="Also convert each transformer block's TDTM variant")] = True,
+    tdtm_positions: Annotated[str, typer.Option(help="TDTM: RoPE positions of merged frames, midpoint or "
+                                                     "compressed")] = "midpoint",
+    tdtm_scope: Annotated[str, typer.Option(help="TDTM: merge around the attentions (attention) or the MLPs too "
+                                                 "(block)")] = "attention",
     as_json: JsonOpt = False,
 ) -> None:
     """Core ML path: one ML Program .mlpackage per block, converted from the torch pieces (needs coremltools)."""
@@ -213,6 +272,7 @@ def export_coreml(
         if components else None, granularity=granularity, precision=precision, target=target, seed=seed,
         random_weights=random_weights, checkpoints={k: v for k, v in given.items() if v is not None},
         t5_lookup_outside=t5_embedding_outside, only=tuple(graphs) if graphs else None,
+        tdtm=tdtm, tdtm_positions=tdtm_positions, tdtm_scope=tdtm_scope,
     )
     with progress_bar() as bar:
         tasks: dict[str, int] = {}

@@ -92,6 +92,22 @@ class NodeFinding:
 
 
 @dataclass
+class NeuralEngine:
+    """Whether Core ML may place a graph on the Neural Engine: the ANE computes only in fp16, needs static
+    shapes, and is reachable only for what the EP hands to Core ML (a clean graph). A necessary
+    condition, not a guarantee: Core ML decides per op at load time, which only a device can tell."""
+
+    eligible: bool
+    why_not: list[str] = field(default_factory=list)
+    fp32_nodes: dict[str, int] = field(default_factory=dict)  # op -> count of nodes computing in fp32
+    fp16_nodes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"eligible": self.eligible, "why_not": self.why_not, "fp32_nodes": self.fp32_nodes,
+                "fp16_nodes": self.fp16_nodes}
+
+
+@dataclass
 class GraphAudit:
     graph: str
     role: str
@@ -107,6 +123,8 @@ class GraphAudit:
     notes: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)  # ops with caveats the audit cannot check
     external_data: bool = False
+    neural_engine: NeuralEngine | None = None  # Core ML profiles only
+
 
     @property
     def clean(self) -> bool:
@@ -141,6 +159,7 @@ class GraphAudit:
             "notes": self.notes,
             "unchecked": self.unchecked,
             "external_data": self.external_data,
+            "neural_engine": self.neural_engine.to_dict() if self.neural_engine else None,
         }
 
 
@@ -174,6 +193,7 @@ class AuditReport:
             "bundle": self.bundle,
             "clean": self.clean,
             "graphs_clean": sum(g.clean for g in self.graphs),
+            "graphs_neural_engine": sum(bool(g.neural_engine and g.neural_engine.eligible) for g in self.graphs),
             "graphs": [g.to_dict() for g in self.graphs],
             "fallback_nodes": self.fallback_nodes,
             "reasons": REASONS,
@@ -614,7 +634,54 @@ def audit_model(
     ctx = {"bundle": "BUNDLE", "resolution": "HxW", "frames": "N"}
     ctx.update(context or {})
     audit.hints = _hints(audit, values, nodes, ctx)
+    if ep.name == "CoreMLExecutionProvider":
+        audit.neural_engine = neural_engine(g, values, audit, profile)
     return audit
+
+
+NEURAL_ENGINE_UNITS = {"ALL", "CPUAndNeuralEngine"}
+
+
+def neural_engine(g: onnx.GraphProto, v: _Values, audit: GraphAudit, profile: DeviceProfile) -> NeuralEngine:
+    """Neural-Engine eligibility of a (prepared) graph: fp16 throughout, static shapes, every node on Core ML.
+
+    Casts at the graph's boundary (fp32 inputs and outputs of an fp16 graph) do not count; any other
+    node that computes in fp32 does (an fp32 island, or an fp32 graph).
+    """
+    why: list[str] = []
+    units = (profile.provider("CoreMLExecutionProvider").options.get("MLComputeUnits", "ALL")
+             if profile.provider("CoreMLExecutionProvider") else "ALL")
+    if units not in NEURAL_ENGINE_UNITS:
+        why.append(f"the profile's MLComputeUnits={units} excludes the Neural Engine")
+    if not audit.clean:
+        why.append(f"{audit.nodes - audit.nodes_on_ep} node(s) off the Core ML EP, {audit.partitions} partition(s): "
+                   "only what the EP hands to Core ML can reach the Neural Engine")
+    dynamic = [i.name for i in g.input if not all(isinstance(d, int) and d > 0 for d in (v.shape.get(i.name) or [None]))]
+    if dynamic:
+        why.append(f"dynamic input shapes ({', '.join(dynamic[:3])}): the Neural Engine needs static shapes")
+    inputs, outputs = {i.name for i in g.input}, {o.name for o in g.output}
+    fp32: Counter[str] = Counter()
+    fp16 = 0
+    for n in g.node:
+        if n.op_type == "Cast" and (n.input[0] in inputs or n.output[0] in outputs):
+            continue  # fp32 interface of an fp16 graph
+        types = {v.dtype.get(x) for x in list(n.input) + list(n.output) if x}
+        if n.op_type == "Cast":
+            if TensorProto.FLOAT in types and TensorProto.FLOAT16 in types:
+                continue  # the edge of an island; the island's own nodes are counted
+        if TensorProto.FLOAT in types:
+            fp32[n.op_type] += 1
+        elif TensorProto.FLOAT16 in types:
+            fp16 += 1
+    if fp32:
+        ops = ", ".join(f"{op}x{c}" for op, c in fp32.most_common(6))
+        if not fp16:
+            why.append(f"the graph computes in fp32 ({sum(fp32.values())} nodes): the Neural Engine computes only "
+                       "in fp16; apply the fp16 pass (sorakit optimize --passes fp16, or an Apple device profile)")
+        else:
+            why.append(f"fp32 islands: {sum(fp32.values())} node(s) compute in fp32 ({ops}); the Neural Engine "
+                       "computes only in fp16, so Core ML runs those on the GPU or CPU")
+    return NeuralEngine(not why, why, dict(fp32), fp16)
 
 
 def audit_bundle(
@@ -656,11 +723,88 @@ def audit_bundle(
             b.verify_graph_files(g)
         a = audit_model(b.path(g.file), profile, name=g.name, role=g.role, optimize=optimize, context=ctx)
         a.file = g.file
+        reason = g.info.get("fp32_reason")
+        if a.neural_engine is not None and reason and a.neural_engine.fp32_nodes:
+            # the precision pass said why this graph stays fp32: that beats the generic advice
+            a.neural_engine.why_not = [w for w in a.neural_engine.why_not if not w.startswith("the graph computes")]
+            a.neural_engine.why_not.append(f"fp32 on purpose: {reason}")
         report.graphs.append(a)
     if progress:
         progress("", len(graphs), len(graphs))
     return report
 
 
-__all__ = ["audit_model", "audit_bundle", "prepare_model", "AuditReport", "GraphAudit", "NodeFinding", "Reason",
+# ---------------------------------------------------------------------------------------------
+# the audit next to ORT's own checker
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CheckerComparison:
+    """sorakit's estimate next to ORT's ``check_onnx_model_mobile_usability`` (its Core ML ML Program check)
+    for one graph, and why they differ."""
+
+    graph: str
+    ort_nodes: int
+    ort_on_ep: int
+    ort_partitions: int
+    ort_partition_sizes: list[int]
+    ort_unsupported_ops: list[str]
+    sorakit_nodes: int
+    sorakit_on_ep: int
+    sorakit_partitions: int
+    # nodes ORT's checker puts on the EP and sorakit does not, by sorakit's reason code
+    only_sorakit_rejects: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+    only_ort_rejects: int = 0  # nodes ORT's checker rejects and sorakit takes (should be 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def compare_with_ort_checker(model: str | Path, profile: DeviceProfile | str, name: str | None = None
+                             ) -> CheckerComparison:
+    """Run ORT's own usability check (ORT_ENABLE_BASIC with ``optimize_model``, ONNX shape inference, then
+    ``check_coreml_partitions`` with the op list of the profile's model format, as
+    ``python -m onnxruntime.tools.check_onnx_model_mobile_usability`` does) and sorakit's audit on one graph.
+
+    ORT's checker decides by op type, fixed input sizes and rank <= 5 only; sorakit adds the
+    checks ORT's CoreML EP makes when it builds the model (dimensions over 16384, 3-D convolutions,
+    input types, constant parameters). The comparison lists the nodes only sorakit rejects, by reason.
+    """
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    ep = profile.compiling_provider
+    if ep is None or ep.name != "CoreMLExecutionProvider":
+        raise SorakitError(f"device {profile.name!r} has no Core ML provider; ORT's checker comparison is for Core ML")
+    ensure_ort_tools_without_torch()
+    from onnxruntime.tools.mobile_helpers import usability_checker
+    from onnxruntime.tools.onnx_model_utils import optimize_model
+
+    path = Path(model)
+    fmt = profile.coreml_model_format
+    with tempfile.TemporaryDirectory(prefix="sorakit-ortcheck-") as tmp:
+        out = Path(tmp) / "basic.onnx"
+        optimize_model(path, out, use_external_initializers=True)
+        prepared = onnx.shape_inference.infer_shapes(onnx.load(str(out), load_external_data=False), strict_mode=True)
+    info = usability_checker.check_coreml_partitions(prepared, True, OP_LISTS[("CoreMLExecutionProvider", fmt)])
+    ort_nodes = {(n.op_type, n.output[0]) for n in prepared.graph.node}
+    ort_taken = {(n.op_type, n.output[0]) for grp in info.supported_groups for n in grp}
+    mine = prepare_model(path)
+    ours = audit_model(mine, profile, name=name, optimize=False)
+    labels = {n.name or f"{n.op_type}_{i}": (n.op_type, n.output[0]) for i, n in enumerate(mine.graph.node)}
+    rejected = {labels[f.node]: f for f in ours.fallbacks if f.node in labels}
+    codes: Counter[str] = Counter()
+    examples: list[str] = []
+    for key, f in rejected.items():
+        if key in ort_taken:
+            codes[f.reasons[0].code] += 1
+            if len(examples) < 3:
+                examples.append(f"{f.node} ({f.op}): {f.reasons[0].detail}")
+    ours_taken = set(labels.values()) - set(rejected)
+    only_ort = len(ours_taken & (ort_nodes - ort_taken))
+    return CheckerComparison(
+        name or path.stem, info.num_nodes, info.num_supported_nodes, info.num_partitions,
+        [len(grp) for grp in info.supported_groups], sorted(info.unsupported_ops),
+        ours.nodes, ours.nodes_on_ep, ours.partitions, dict(codes), examples, only_ort)
+
+
+__all__ = ["compare_with_ort_checker", "CheckerComparison", "NeuralEngine", "audit_model", "audit_bundle", "prepare_model", "AuditReport", "GraphAudit", "NodeFinding", "Reason",
            "REASONS", "MAX_DIM", "MAX_RANK"]

@@ -66,6 +66,9 @@ class CoreMLSettings:
     t5_lookup_outside: bool | None = None
     numeric_check: bool | None = None  # None: on macOS only
     only: tuple[str, ...] | None = None  # convert only graphs whose name starts with one of these
+    tdtm: bool = True  # also convert each transformer block's TDTM variant (as `sorakit optimize --passes tdtm`)
+    tdtm_positions: str = "midpoint"
+    tdtm_scope: str = "attention"
 
 
 @dataclass
@@ -126,6 +129,22 @@ def adapt_for_coreml(module: nn.Module) -> nn.Module:
         elif not isinstance(child, GroupNorm3d):
             adapt_for_coreml(child)
     return module
+
+
+class TDTMBlock(nn.Module):
+    """A transformer block group run the TDTM way (frame pairs merged around its attentions): the same
+    computation as the TDTM graph pass injects into the ONNX block, from ``export.tdtm``'s reference."""
+
+    def __init__(self, group: nn.Module, positions: str = "midpoint", scope: str = "attention"):
+        super().__init__()
+        self.group = group
+        self.positions = positions
+        self.scope = scope
+
+    def forward(self, x, y, y_bias, t_mlp):
+        from sorakit.export.tdtm import block_group_forward
+
+        return block_group_forward(self.group, x, y, y_bias, t_mlp, self.positions, self.scope)
 
 
 def example_inputs(spec: PieceSpec, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -321,6 +340,8 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
         for comp in like["components"].values():
             for g in comp["graphs"]:
                 like_entries[g["name"]] = g
+                for v in g.get("variants", {}).values():
+                    like_entries[v["name"]] = v
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -359,10 +380,21 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
                                   **({"binds": o.binds} if o.binds else {})} for o, (_, _, d) in zip(spec.outputs, outs)]
                 piece.seconds = time.perf_counter() - t0
                 report.pieces.append(piece)
-                graphs.append({"name": spec.name, "role": spec.role, "file": rel, "precision": precision,
-                               "inputs": piece.inputs, "outputs": piece.outputs, "modules": spec.modules,
-                               "converted_via": method})
-                del module, mlmodel
+                graph = {"name": spec.name, "role": spec.role, "file": rel, "precision": precision,
+                         "inputs": piece.inputs, "outputs": piece.outputs, "modules": spec.modules,
+                         "converted_via": method}
+                del mlmodel
+                if spec.role == "block" and settings.tdtm and int(spec.inputs[0].shape[1]) >= 2:
+                    variant = _convert_tdtm(module, spec, rel, precision, settings, staging, numeric,
+                                            like_entries.get(spec.name + ".tdtm"))
+                    report.pieces.append(variant)
+                    graph["variants"] = {"tdtm": {"name": variant.name, "role": "block", "file": variant.file,
+                                                  "precision": precision, "inputs": variant.inputs,
+                                                  "outputs": variant.outputs, "converted_via": variant.method,
+                                                  "tdtm": {"positions": settings.tdtm_positions,
+                                                           "scope": settings.tdtm_scope}}}
+                graphs.append(graph)
+                del module
                 if progress:
                     progress(comp, i + 1, len(plan))
             components[comp] = {"graphs": graphs}
@@ -386,7 +418,11 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
             "like_bundle": str(settings.like) if settings.like else None,
             "components": components,
             "notes": ["int64 inputs of the ONNX graphs are int32 here (Core ML has no int64 inputs)",
-                      "TDTM variants are not converted by this path yet"],
+                      "TDTM variants (block_NN.tdtm.mlpackage) hold their own copy of the block's weights"
+                      if settings.tdtm else "TDTM variants not converted (--no-tdtm)"],
+            "tdtm": ({"available": True, "positions": settings.tdtm_positions, "scope": settings.tdtm_scope,
+                      "variant": "tdtm", "default_steps": 0} if settings.tdtm and "transformer" in components
+                     else {"available": False}),
             "numeric_check": report.numeric_note,
             "tools": _tool_versions(),
         }
@@ -402,6 +438,33 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def _convert_tdtm(module: nn.Module, spec: PieceSpec, rel: str, precision: str, settings: CoreMLSettings,
+                  staging: Path, numeric: bool, like_entry: dict[str, Any] | None) -> CoreMLPiece:
+    """The TDTM variant of a converted block: same inputs and outputs, its own .mlpackage."""
+    from sorakit.graph_passes.tdtm import POSITIONS, SCOPES
+
+    if settings.tdtm_positions not in POSITIONS or settings.tdtm_scope not in SCOPES:
+        raise SorakitError(f"TDTM positions must be one of {POSITIONS} and scope one of {SCOPES}")
+    t0 = time.perf_counter()
+    wrapped = TDTMBlock(module, settings.tdtm_positions, settings.tdtm_scope).eval()
+    mlmodel, method = convert_piece(wrapped, spec, precision, settings.target, settings.seed)
+    vrel = rel[: -len(".mlpackage")] + ".tdtm.mlpackage"
+    dst = staging / vrel
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        mlmodel.save(str(dst))
+    check_spec(dst, spec, like_entry)
+    piece = CoreMLPiece(spec.name + ".tdtm", spec.component, "block", vrel, precision, method,
+                        "matches the bundle's TDTM variant" if like_entry else "matches the piece")
+    if numeric:
+        piece.numeric = numeric_check(mlmodel, wrapped, spec, settings.seed)
+    ins, outs = package_spec(dst)
+    piece.inputs = [{"name": n, "shape": s, "dtype": d} for n, s, d in ins]
+    piece.outputs = [{"name": o.name, "shape": [int(x) for x in o.shape], "dtype": d,
+                      **({"binds": o.binds} if o.binds else {})} for o, (_, _, d) in zip(spec.outputs, outs)]
+    piece.seconds = time.perf_counter() - t0
+    return piece
 
 
 def _side_files(es: ExportSettings, settings: CoreMLSettings, staging: Path, like: dict | None) -> None:
