@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -137,7 +138,7 @@ def _print_audit(report, nodes: bool, reasons: dict[str, str]) -> None:
         why_not: dict[str, list[str]] = {}
         for g in report.graphs:
             for w in (g.neural_engine.why_not if g.neural_engine else []):
-                key = w.split(" (")[0] if w.startswith("fp32 islands") or w.startswith("the graph computes") else w
+                key = re.sub(r" \(\d+ nodes?\)| \(\d+ node\(s\)[^)]*\)|: \d+ node\(s\) compute in fp32 \([^)]*\)", "", w)
                 why_not.setdefault(key, []).append(g.graph)
         for w, names in why_not.items():
             where = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
@@ -248,6 +249,10 @@ def export_coreml(
     graphs: Annotated[list[str] | None, typer.Option("--graph", help="Only graphs whose name starts with this; "
                                                                        "repeatable")] = None,
     tdtm: Annotated[bool, typer.Option(help="Also convert each transformer block's TDTM variant")] = True,
+    gate: Annotated[float | None, typer.Option(help="fp16: minimum mean SSIM of the quality gate (default: the fp16 "
+                                                    "pass's); 0 skips it")] = None,
+    gate_steps: Annotated[int | None, typer.Option(help="Denoising steps of the gate's videos")] = None,
+    force: Annotated[bool, typer.Option(help="Convert in fp16 even when the gate fails")] = False,
     tdtm_positions: Annotated[str, typer.Option(help="TDTM: RoPE positions of merged frames, midpoint or "
                                                      "compressed")] = "midpoint",
     tdtm_scope: Annotated[str, typer.Option(help="TDTM: merge around the attentions (attention) or the MLPs too "
@@ -272,7 +277,8 @@ def export_coreml(
         if components else None, granularity=granularity, precision=precision, target=target, seed=seed,
         random_weights=random_weights, checkpoints={k: v for k, v in given.items() if v is not None},
         t5_lookup_outside=t5_embedding_outside, only=tuple(graphs) if graphs else None,
-        tdtm=tdtm, tdtm_positions=tdtm_positions, tdtm_scope=tdtm_scope,
+        tdtm=tdtm, tdtm_positions=tdtm_positions, tdtm_scope=tdtm_scope, gate=gate, gate_steps=gate_steps,
+        force=force,
     )
     with progress_bar() as bar:
         tasks: dict[str, int] = {}
@@ -292,6 +298,13 @@ def export_coreml(
     for p in report.pieces:
         table.add_row(p.name, p.file, p.method, p.spec_check, f"{p.seconds:.1f}")
     console.print(table)
+    g = report.gate
+    if g and "skipped" in g:
+        console.print(f"fp16 quality gate skipped: {g['skipped']}", highlight=False)
+    elif g:
+        console.print(f"fp16 quality gate ({g['compared']}): mean SSIM {g['value']:.4f} (min {g['min']:.4f}), PSNR "
+                      f"{g['psnr_db']:.1f} dB, threshold {g['threshold']} -> "
+                      f"{'passed' if g['passed'] else 'FAILED (forced)'}", highlight=False)
     console.print(report.numeric_note, highlight=False)
 
 

@@ -273,6 +273,40 @@ def prepare_model(model: str | Path | onnx.ModelProto, optimize: bool = True) ->
 INSERTED_CAST = "InsertedPrecisionFreeCast_"
 
 
+def declared_graph(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    """The graph as written (no ORT optimization), with ONNX shape inference: the types the file declares."""
+    m = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    try:
+        return onnx.shape_inference.infer_shapes(m)
+    except Exception:  # noqa: BLE001 - keep what the file says
+        return m
+
+
+def restore_declared_types(g: onnx.GraphProto, values: _Values, raw: onnx.ModelProto) -> None:
+    """Give the values of an ORT-prepared fp16 graph the types the file declares.
+
+    The audit prepares graphs with the CPU EP, which computes fp16 nodes it has no fp16 kernel for
+    in fp32 between inserted casts and then removes back-to-back casts; the device's Core ML EP
+    takes those nodes before any cast is inserted, in fp16. Values ORT renamed
+    (``InsertedPrecisionFreeCast_x``) get x's declared type; values ORT made up (fusions) take the
+    type of their node's float inputs.
+    """
+    declared = _Values(raw.graph).dtype
+    for name in list(values.dtype):
+        base = name[len(INSERTED_CAST):] if name.startswith(INSERTED_CAST) else name
+        if base in declared:
+            values.dtype[name] = declared[base]
+    for n in g.node:
+        if n.op_type == "Cast":
+            continue
+        kinds = {values.dtype.get(i) for i in n.input if i} & FLOATS
+        if kinds == {TensorProto.FLOAT16}:
+            for o in n.output:
+                base = o[len(INSERTED_CAST):] if o.startswith(INSERTED_CAST) else o
+                if base not in declared and values.dtype.get(o) == TensorProto.FLOAT:
+                    values.dtype[o] = TensorProto.FLOAT16
+
+
 def undo_inserted_casts(model: onnx.ModelProto) -> int:
     """Remove the Casts ORT's CPU EP wraps around fp16 nodes it has no fp16 kernel for.
 
@@ -596,6 +630,9 @@ def audit_model(
     ops = read_op_list(op_list_path(ep.name, fmt))
     rules = _Rules(ep.name, fmt, profile.requires_static_input_shapes, ops)
     values = _Values(g)
+    raw = declared_graph(model)
+    if optimize:
+        restore_declared_types(g, values, raw)
     verdict: dict[int, bool] = {}
     fallbacks: list[NodeFinding] = []
     nodes: dict[str, onnx.NodeProto] = {}
@@ -635,11 +672,13 @@ def audit_model(
     ctx.update(context or {})
     audit.hints = _hints(audit, values, nodes, ctx)
     if ep.name == "CoreMLExecutionProvider":
-        audit.neural_engine = neural_engine(g, values, audit, profile)
+        audit.neural_engine = neural_engine(raw.graph, _Values(raw.graph), audit, profile)
     return audit
 
 
 NEURAL_ENGINE_UNITS = {"ALL", "CPUAndNeuralEngine"}
+# float inputs that are parameters, float32 by the ONNX spec whatever the data's type
+FLOAT_PARAMS = {"Resize": (1, 2), "Upsample": (1,)}
 
 
 def neural_engine(g: onnx.GraphProto, v: _Values, audit: GraphAudit, profile: DeviceProfile) -> NeuralEngine:
@@ -663,9 +702,13 @@ def neural_engine(g: onnx.GraphProto, v: _Values, audit: GraphAudit, profile: De
     fp32: Counter[str] = Counter()
     fp16 = 0
     for n in g.node:
+        if n.op_type == "Constant":
+            continue  # a value, not a computation
         if n.op_type == "Cast" and (n.input[0] in inputs or n.output[0] in outputs):
             continue  # fp32 interface of an fp16 graph
-        types = {v.dtype.get(x) for x in list(n.input) + list(n.output) if x}
+        params = FLOAT_PARAMS.get(n.op_type, ())
+        data = [x for i, x in enumerate(n.input) if x and i not in params]
+        types = {v.dtype.get(x) for x in data + list(n.output) if x}
         if n.op_type == "Cast":
             if TensorProto.FLOAT in types and TensorProto.FLOAT16 in types:
                 continue  # the edge of an island; the island's own nodes are counted

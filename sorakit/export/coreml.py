@@ -67,6 +67,9 @@ class CoreMLSettings:
     numeric_check: bool | None = None  # None: on macOS only
     only: tuple[str, ...] | None = None  # convert only graphs whose name starts with one of these
     tdtm: bool = True  # also convert each transformer block's TDTM variant (as `sorakit optimize --passes tdtm`)
+    gate: float | None = None  # fp16: minimum SSIM (None: the fp16 pass's registered gate); <= 0 skips the gate
+    gate_steps: int | None = None
+    force: bool = False  # convert in fp16 even when the gate fails (recorded)
     tdtm_positions: str = "midpoint"
     tdtm_scope: str = "attention"
 
@@ -93,9 +96,10 @@ class CoreMLReport:
     target: str
     pieces: list[CoreMLPiece] = field(default_factory=list)
     numeric_note: str = ""
+    gate: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out": str(self.out), "precision": self.precision, "target": self.target,
+        return {"out": str(self.out), "precision": self.precision, "target": self.target, "gate": self.gate,
                 "numeric_note": self.numeric_note, "pieces": [p.__dict__ for p in self.pieces]}
 
 
@@ -330,6 +334,7 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
     geo = es.geometry()
     numeric = sys.platform == "darwin" if settings.numeric_check is None else settings.numeric_check
     report = CoreMLReport(out, settings.precision, settings.target)
+    report.gate = run_fp16_gate(es, settings) if settings.precision == "fp16" else None
     report.numeric_note = (
         "numeric check: Core ML predictions compared with torch (PSNR >= 35 dB)" if numeric else
         f"numeric check skipped: Core ML predictions need macOS (this is {sys.platform}); the conversion and every "
@@ -424,6 +429,7 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
                       "variant": "tdtm", "default_steps": 0} if settings.tdtm and "transformer" in components
                      else {"available": False}),
             "numeric_check": report.numeric_note,
+            "fp16_gate": report.gate,
             "tools": _tool_versions(),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -438,6 +444,38 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def run_fp16_gate(es: ExportSettings, settings: CoreMLSettings) -> dict[str, Any]:
+    """The fp16 pass's quality gate for Core ML's fp16 compute precision (emulated in torch: ``export.fp16``).
+
+    Needs the whole model (text encoder, transformer and VAE, from checkpoints or random weights);
+    a failing gate refuses the conversion unless ``force``.
+    """
+    if settings.gate is not None and settings.gate <= 0:
+        return {"skipped": "not gated on request (--gate 0)"}
+    missing = [c for c in models.COMPONENTS if settings.random_weights is False and c not in settings.checkpoints]
+    if missing:
+        return {"skipped": f"the gate runs the whole model; no checkpoint for {', '.join(missing)}"}
+    from sorakit.export.fp16 import fp16_gate
+
+    if settings.random_weights:
+        tm = models.TorchModels.random(es.preset, settings.seed)
+    else:
+        tok = settings.checkpoints["text_encoder"] / "tokenizer.json"
+        tm = models.TorchModels.from_checkpoints(es.preset, settings.checkpoints["transformer"],
+                                                 settings.checkpoints["vae"], settings.checkpoints["text_encoder"],
+                                                 tok if tok.is_file() else None)
+    gate = fp16_gate(tm, settings.gate, settings.gate_steps)
+    if not gate["passed"]:
+        if not settings.force:
+            raise VerificationError(
+                f"fp16 compute precision fails its quality gate: mean SSIM {gate['value']:.3f} < {gate['threshold']} "
+                f"(PSNR {gate['psnr_db']:.1f} dB{', non-finite values' if not gate['finite'] else ''}) on "
+                f"{len(gate['prompts'])} fixed prompts; nothing was converted",
+                hint="convert with --precision fp32, or --force to convert in fp16 anyway")
+        gate["forced"] = True
+    return gate
 
 
 def _convert_tdtm(module: nn.Module, spec: PieceSpec, rel: str, precision: str, settings: CoreMLSettings,
