@@ -68,9 +68,13 @@ class _Graph:
 
     model: onnx.ModelProto
     shapes: dict[str, list] = field(default_factory=dict)
+    types: dict[str, int] = field(default_factory=dict)
     _counter: int = 0
 
     def __post_init__(self):
+        copied = onnx.ModelProto()
+        copied.CopyFrom(self.model)  # rewrites never touch the caller's model
+        self.model = copied
         self.g = self.model.graph
         self.refresh()
 
@@ -86,6 +90,9 @@ class _Graph:
 
     def infer(self) -> None:
         self.shapes = static_shapes(self.model)
+        inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
+        self.types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info)
+                      + list(inferred.graph.input) + list(inferred.graph.output) if v.type.HasField("tensor_type")}
 
     def shape(self, name: str) -> list[int] | None:
         s = self.shapes.get(name)
@@ -96,6 +103,8 @@ class _Graph:
     def dtype(self, name: str) -> int | None:
         if name in self.inits:
             return self.inits[name].data_type
+        if self.types.get(name):
+            return self.types[name]
         for coll in (self.g.input, self.g.value_info, self.g.output):
             for v in coll:
                 if v.name == name and v.type.HasField("tensor_type"):
