@@ -229,11 +229,16 @@ def test_tiny_bundle_passes_are_exact_and_clean(tiny_bundle, tiny_coreml):
     assert rewritten
     b = Bundle.open(out, verify="full")
     m = b.manifest
+    src = Bundle.open(tiny_bundle[0])
     for g in m.all_graphs():
         g_model = onnx.load(str(b.path(g.file)), load_external_data=False)
         ops = census(g_model)
-        assert "Pad" not in ops and "Gather" not in ops, (g.name, ops)
+        assert "Pad" not in ops, (g.name, ops)
         assert conv_ranks(g_model) <= {3, 4}, g.name  # no 3-D convolution left
+    # the token lookup left the graph; the position-bias lookup (constant buckets, folded by ORT) stays
+    before = census(onnx.load(str(src.path(src.manifest.graph("text_encoder.embed").file)), load_external_data=False))
+    after = census(onnx.load(str(b.path(m.graph("text_encoder.embed").file)), load_external_data=False))
+    assert after.get("Gather", 0) == before["Gather"] - 1
     assert m.components["text_encoder"].info["embedding_file"] == "text_encoder/embedding.npy"
     assert [t.name for t in m.graph("text_encoder.embed").inputs] == ["inputs_embeds", "attention_mask"]
     rep = audit_bundle(out, "iphone-15-pro")
@@ -306,7 +311,6 @@ def test_optimize_default_bundle_for_iphone_then_audit_clean(tmp_path):
     assert any("T5" in w for w in ane["text_encoder.layer.00"]["why_not"])
     if fp16["settings"]["islands"] == "none":
         assert ane["transformer.block.00"]["eligible"] and ane["vae.temporal.stem"]["eligible"], ane
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,3 +356,77 @@ def test_neural_engine_eligibility_reasons():
     a = audit_model(fp32, "iphone-15-pro")
     assert not a.neural_engine.eligible and "apply the fp16 pass" in " ".join(a.neural_engine.why_not)
     assert audit_model(fp16, "cpu").neural_engine is None
+
+
+# ---------------------------------------------------------------------------------------------
+# packages a phone can load; placement on the device
+# ---------------------------------------------------------------------------------------------
+def test_apple_package_embeds_weights_names_placement_and_limits(tiny_coreml, tmp_path):
+    from sorakit.devices.package import PackageError, package_bundle
+    from sorakit.devices.placement import check_placement
+    from sorakit.errors import SorakitError
+    from sorakit.profiles import PROFILE_DIR
+
+    out = tmp_path / "pkg"
+    m = package_bundle(tiny_coreml[0], "iphone-15-pro", out, verify=False).manifest
+    limits = " ".join(lim["what"] for lim in m["weights"]["limits"])
+    assert m["weights"]["embedded"] and "FlatBuffers" in limits and "max_model_bytes" in limits
+    files = [p for p in (out / "models").rglob("*") if p.is_file()]
+    assert files and all(p.suffix == ".ort" for p in files)  # no external data next to any graph
+    assert set(m["placement"]) == {"CoreMLExecutionProvider"}  # as the audit predicts: every graph whole on Core ML
+    for comp in m["components"].values():
+        for g in comp["graphs"]:
+            assert g["audit"]["placement"]["runs_on"] == "CoreMLExecutionProvider", g["name"]
+    with pytest.raises(SorakitError, match="no CoreMLExecutionProvider.*on a Mac"):
+        check_placement(out)  # Linux: only a Mac or the phone can tell
+    # a device whose Core ML takes smaller models: refused before anything is written, the limit named
+    small = tmp_path / "small-phone.toml"
+    small.write_text((PROFILE_DIR / "iphone-15-pro.toml").read_text()
+                     .replace('name = "iphone-15-pro"', 'name = "small-phone"')
+                     .replace('max_model_bytes = "1GB"', 'max_model_bytes = "20kB"'))
+    with pytest.raises(PackageError, match=r"over the 20kB per-model limit of Core ML on small-phone.*max_model_bytes"):
+        package_bundle(tiny_coreml[0], str(small), tmp_path / "pkg2", audit=False, verify=False)
+    assert not (tmp_path / "pkg2").exists()
+
+
+def test_cpu_package_placement_matches_the_audit(tiny_bundle, tmp_path):
+    from sorakit.devices.package import package_bundle
+    from sorakit.devices.placement import check_placement
+
+    out = tmp_path / "cpu-pkg"
+    package_bundle(tiny_bundle[0], "cpu", out, verify=False)
+    rows = check_placement(out, only=["transformer", "vae.temporal"])
+    assert rows and all(r.matches for r in rows), [r.to_dict() for r in rows]
+    assert all(set(r.nodes) == {"CPUExecutionProvider"} for r in rows)
+    cli = run_cli("placement", out, "--graph", "transformer.block.00", "--json", "--strict")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)[0]["matches"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# the Core ML path: fp16 with the fp16 pass's gate, TDTM variants
+# ---------------------------------------------------------------------------------------------
+def test_coreml_path_fp16_gate_and_tdtm_variant(tmp_path):
+    pytest.importorskip("coremltools")
+    import dataclasses
+
+    from sorakit.errors import VerificationError
+    from sorakit.export.coreml import CoreMLSettings, export_coreml, package_spec
+    from sorakit.runtime.default_model import SHIPPED, default_bundle
+
+    like = default_bundle(cache_dir=tmp_path / "cache")
+    s = CoreMLSettings(like=like, checkpoints={c: SHIPPED / c for c in ("text_encoder", "transformer", "vae")},
+                       only=("transformer.block.00",), gate_steps=6, numeric_check=False)
+    rep = export_coreml(s, tmp_path / "cm")
+    assert rep.gate["passed"] and rep.gate["value"] >= 0.95 and rep.gate["finite"], rep.gate
+    assert [p.name for p in rep.pieces] == ["transformer.block.00", "transformer.block.00.tdtm"]
+    manifest = json.loads((tmp_path / "cm" / "coreml_manifest.json").read_text())
+    block = manifest["components"]["transformer"]["graphs"][0]
+    variant = block["variants"]["tdtm"]
+    assert variant["file"] == "transformer/block_00.tdtm.mlpackage" and manifest["tdtm"]["available"]
+    assert package_spec(tmp_path / "cm" / variant["file"]) == package_spec(tmp_path / "cm" / block["file"])
+    assert manifest["fp16_gate"]["value"] == rep.gate["value"]
+    # a gate the emulated fp16 cannot reach refuses the conversion; nothing is written
+    with pytest.raises(VerificationError, match="fp16 compute precision fails its quality gate"):
+        export_coreml(dataclasses.replace(s, gate=1.0), tmp_path / "cm2")
+    assert not (tmp_path / "cm2").exists()

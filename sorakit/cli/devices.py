@@ -308,8 +308,42 @@ def export_coreml(
     console.print(report.numeric_note, highlight=False)
 
 
+def placement(
+    package_dir: Annotated[Path, typer.Argument(metavar="PACKAGE", help="A package made by `sorakit package`")],
+    graphs: Annotated[list[str] | None, typer.Option("--graph", help="Only graphs whose name starts with this; "
+                                                                       "repeatable")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any graph is placed differently from the "
+                                                          "audit's prediction")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Where ONNX Runtime really puts each node of a package's graphs on this machine, next to the audit's
+    prediction (session.record_ep_graph_assignment_info). For Core ML packages: run it on a Mac."""
+    from sorakit.devices.placement import check_placement
+
+    with progress_bar(transient=True) as bar:
+        bar.add_task("creating sessions", total=None)
+        rows = check_placement(package_dir, graphs)
+    if as_json:
+        print_json([r.to_dict() for r in rows])
+    else:
+        table = Table(title=f"{package_dir}: where ONNX Runtime placed each graph (vs the audit)")
+        for col in ("graph", "nodes per provider", "subgraphs", "predicted", ""):
+            table.add_column(col, no_wrap=col == "graph")
+        for r in rows:
+            pred = r.predicted
+            mark = {True: "[green]as predicted[/]", False: "[red]differs[/]", None: "-"}[r.matches]
+            table.add_row(r.graph, ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in r.nodes.items()),
+                          ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in r.subgraphs.items()),
+                          "-" if not pred else f"{pred['runs_on'].replace('ExecutionProvider', '')}, "
+                                               f"{pred['partitions']} partition(s)", mark)
+        console.print(table)
+    if strict and any(r.matches is False for r in rows):
+        raise typer.Exit(code=1)
+
+
 def register(app: typer.Typer) -> None:
     app.command("devices")(devices)
     app.command("audit")(audit)
     app.command("package")(package)
+    app.command("placement")(placement)
     app.command("export-coreml")(export_coreml)

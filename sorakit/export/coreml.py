@@ -462,7 +462,12 @@ def run_fp16_gate(es: ExportSettings, settings: CoreMLSettings) -> dict[str, Any
     if settings.random_weights:
         tm = models.TorchModels.random(es.preset, settings.seed)
     else:
-        tok = settings.checkpoints["text_encoder"] / "tokenizer.json"
+        tok = Path(settings.checkpoints["text_encoder"]) / "tokenizer.json"
+        if settings.like is not None:  # the bundle's tokenizer (the one the app ships)
+            from sorakit.bundle.io import Bundle
+
+            b = Bundle.open(settings.like, verify="none")
+            tok = b.path(b.manifest.tokenizer["file"])
         tm = models.TorchModels.from_checkpoints(es.preset, settings.checkpoints["transformer"],
                                                  settings.checkpoints["vae"], settings.checkpoints["text_encoder"],
                                                  tok if tok.is_file() else None)
