@@ -169,7 +169,8 @@ def test_budget_below_model_streams_with_same_output(shapes_random_bundle):
     want = resident("a red circle moving right", seed=3, steps=4)
     budget = int(0.6 * transformer_bytes)
     assert budget < total
-    pipe = Pipeline.from_bundle(shapes_random_bundle, memory_budget=budget)
+    # the budget is the process's memory: what it holds already comes on top of the graphs' share
+    pipe = Pipeline.from_bundle(shapes_random_bundle, memory_budget=rss_bytes() + budget)
     got = pipe("a red circle moving right", seed=3, steps=4)
     # streamed sessions skip weight prepacking, a different GEMM path: equal up to float rounding
     assert np.abs(got.frames.astype(int) - want.frames.astype(int)).max() <= 1
@@ -187,7 +188,7 @@ def test_repeated_generations_do_not_grow_rss(shapes_random_bundle):
     """Ten generations after three warm-up ones: streamed sessions give their memory back."""
     import gc
 
-    pipe = Pipeline.from_bundle(shapes_random_bundle, memory_budget="25MB")
+    pipe = Pipeline.from_bundle(shapes_random_bundle, memory_budget=rss_bytes() + 25_000_000)
     for i in range(3):
         pipe("a red circle moving right", seed=i, steps=1)
     sizes = []
@@ -205,7 +206,7 @@ def test_prefetch_error_surfaces_in_caller(shapes_random_bundle, tmp_path):
     b = copy_bundle(shapes_random_bundle, tmp_path / "b")
     m = Bundle.open(b).manifest
     transformer_bytes = sum(m.files[f]["bytes"] for g in m.components["transformer"].graphs for f in g.files())
-    pipe = Pipeline.from_bundle(b, memory_budget=int(0.6 * transformer_bytes), verify=False)
+    pipe = Pipeline.from_bundle(b, memory_budget=rss_bytes() + int(0.6 * transformer_bytes), verify=False)
     target = b / "transformer" / "block_02.onnx"
 
     def corrupt_after_first_step(p):

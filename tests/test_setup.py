@@ -52,3 +52,32 @@ def test_layer_boundaries_are_linted():
         input="import torch  # noqa: F401\n", capture_output=True, text=True, cwd=ROOT,
     )
     assert res.returncode != 0 and "torch" in res.stdout
+
+
+def test_base_install_generates_with_the_default_model(tmp_path):
+    """The runtime-only install: the package without extras in a fresh venv generates a video
+    with the shipped model, and holds neither torch, onnx nor an ffmpeg binary."""
+    import json
+    import os
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    res = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c",
+                          str(ROOT / "constraints.txt"), str(ROOT)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    listed = subprocess.run([str(py), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True)
+    installed = {p["name"].lower() for p in json.loads(listed.stdout)}
+    assert not installed & {"torch", "onnx", "imageio-ffmpeg", "transformers", "diffusers", "coremltools"}, installed
+    out = tmp_path / "red.mp4"
+    env = {**os.environ, "SORAKIT_CACHE": str(tmp_path / "cache")}
+    env.pop("PYTHONPATH", None)
+    res = subprocess.run([str(venv / "bin" / "sorakit"), "generate", "a red circle moving right", "--steps", "6",
+                          "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert out.is_file() and out.stat().st_size > 10_000
+    # the video decodes, with the model's frame count and size
+    probe = subprocess.run([str(py), "-c", "from sorakit.runtime.video import read_video; import sys; "
+                            "v = read_video(sys.argv[1]); print(*v.shape)", str(out)], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.split() == ["17", "64", "64", "3"]

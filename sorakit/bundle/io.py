@@ -35,6 +35,54 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+class VerifiedStamps:
+    """What earlier processes hashed: path -> (size, mtime, inode, sha256), one JSON file per bundle
+    in the cache directory. A file whose size, modification time and inode are unchanged since it
+    was hashed is not hashed again (a real-size bundle is 24 GB: a minute of hashing per run).
+    This guards against damage, not against someone who can write the bundle (they could rewrite
+    its manifest too). ``SORAKIT_VERIFY=always`` hashes every time.
+    """
+
+    def __init__(self, root: Path):
+        from sorakit.cache import default_cache_dir
+
+        key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]
+        self.file = default_cache_dir() / "verified" / f"{key}.json"
+        self.enabled = os.environ.get("SORAKIT_VERIFY", "") != "always"
+        self.data: dict[str, list] | None = None
+
+    def _load(self) -> dict[str, list]:
+        if self.data is None:
+            self.data = {}
+            if self.enabled:
+                with contextlib.suppress(OSError, ValueError):
+                    loaded = json.loads(self.file.read_text())
+                    if isinstance(loaded, dict):
+                        self.data = loaded
+        return self.data
+
+    @staticmethod
+    def _stat(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def holds(self, path: Path, sha256: str) -> bool:
+        if not self.enabled:
+            return False
+        rec = self._load().get(str(path))
+        return rec is not None and rec == [*self._stat(path), sha256]
+
+    def record(self, path: Path, sha256: str) -> None:
+        if not self.enabled:
+            return
+        self._load()[str(path)] = [*self._stat(path), sha256]
+        with contextlib.suppress(OSError):  # a read-only cache only costs the hashing next time
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data))
+            os.replace(tmp, self.file)
+
+
 class Bundle:
     """An opened bundle. Paths go through ``path()``, which confines them to the directory.
 
@@ -94,16 +142,26 @@ class Bundle:
                 )
 
     def verify_file(self, rel: str) -> None:
-        """Check one file's sha256 (once per process per file)."""
+        """Check one file's sha256 (once per process per file; see ``VerifiedStamps`` for later processes)."""
         if self.verify_mode == "none" or rel in self._verified:
             return
         rec = self.manifest.files.get(rel)
         if rec is None:
             raise BundleError(f"bundle file {rel} is not listed in the manifest")
-        got = sha256_file(self.path(rel))
-        if got != rec["sha256"]:
-            raise BundleError(f"bundle file {rel} is corrupt: sha256 {got[:12]}… but the manifest says {rec['sha256'][:12]}…")
+        path = self.path(rel)
+        stamps = self._stamps()
+        if not stamps.holds(path, rec["sha256"]):
+            got = sha256_file(path)
+            if got != rec["sha256"]:
+                raise BundleError(f"bundle file {rel} is corrupt: sha256 {got[:12]}… but the manifest says "
+                                  f"{rec['sha256'][:12]}…")
+            stamps.record(path, got)
         self._verified.add(rel)
+
+    def _stamps(self) -> VerifiedStamps:
+        if not hasattr(self, "_stamp_cache"):
+            self._stamp_cache = VerifiedStamps(self.root)
+        return self._stamp_cache
 
     def verify_graph_files(self, graph) -> None:
         for rel in graph.files():

@@ -62,6 +62,8 @@ def evaluate(
     work: Annotated[Path | None, typer.Option(help="Keep the optimised variant bundles here")] = None,
     repeats: Annotated[int, typer.Option(help="Time each setting this many times and keep the fastest")] = 3,
     cfg_max_t: Annotated[float | None, typer.Option(help="Guidance interval of every run: CFG only at timesteps <= T (default: the bundle's; 1000 = every step)")] = None,
+    step_cache: Annotated[str, typer.Option(help="Step-cache thresholds to compare, comma-separated ('' for none)")] = "0.1,0.2,0.4",
+    best: Annotated[bool, typer.Option("--best/--no-best", help="Measure sorakit's fastest settings as a whole (sorakit.evaluation.best), with their adherence")] = True,
 ) -> None:
     """SSIM/PSNR of LPL, TDTM, fp16 and int8 against the full-step fp32 output; adherence; Figure 5."""
     from sorakit.evaluation.quality import EvalSettings, run_eval
@@ -91,6 +93,18 @@ def evaluate(
     if cfg_max_t is not None and not cfg_max_t > 0:
         raise SorakitError(f"--cfg-max-t must be a positive timestep (1000 = guidance at every step), got {cfg_max_t}")
     s.cfg_max_t = cfg_max_t
+    try:
+        s.step_cache = [float(x) for x in step_cache.split(",") if x.strip()]
+    except ValueError:
+        raise SorakitError(f"--step-cache expects thresholds like 0.1,0.2, got {step_cache!r}") from None
+    if any(not 0 < x < float("inf") for x in s.step_cache):
+        raise SorakitError(f"--step-cache thresholds must be positive and finite, got {step_cache!r}")
+    if best:
+        from sorakit.evaluation.best import best as best_settings
+
+        s.combined["best"] = best_settings()
+        if s.adherence:
+            s.adherence_rows.append("best")
     res = run_eval(bundle, s, work, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     cmd = "sorakit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = eval_markdown(res, cmd)

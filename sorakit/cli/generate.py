@@ -29,6 +29,8 @@ def generate(
     threads: Annotated[int | None, typer.Option(help="Intra-op threads per session (default: the device's)")] = None,
     prefetch: Annotated[bool, typer.Option(help="Build the next block's session while the current one runs")] = True,
     fps: Annotated[int, typer.Option(help="Frames per second of the written video")] = 24,
+    precision: Annotated[str | None, typer.Option(help="Force fp32, int8 or bf16 where the bundle and device have it (default: the execution plan's choice per component)")] = None,
+    step_cache: Annotated[float | None, typer.Option(help="Reuse the transformer blocks' residual while their input changes less than this in sum (e.g. 0.1; lossy, off by default)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate a video from a text prompt."""
@@ -49,8 +51,12 @@ def generate(
 
         bundle = default_bundle(notice=lambda msg: err_console.print(f"note: {msg}", highlight=False, markup=False))
 
+    if precision is not None and precision not in ("fp32", "int8", "bf16", "fp16"):
+        raise SorakitError(f"--precision must be fp32, int8, bf16 or fp16, got {precision!r}")
+    if step_cache is not None and not 0 <= step_cache < float("inf"):
+        raise SorakitError(f"--step-cache must be a finite threshold >= 0, got {step_cache}")
     pipe = Pipeline.from_bundle(bundle, device=device, memory_budget=memory_budget, strict=strict,
-                                threads=threads, prefetch=prefetch)
+                                threads=threads, prefetch=prefetch, precision=precision)
     with progress_bar() as bar:
         tasks = {}
 
@@ -60,7 +66,8 @@ def generate(
                 tasks[p.stage] = bar.add_task(label, total=p.total)
             bar.update(tasks[p.stage], completed=p.index, total=p.total)
 
-        result = pipe(prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl, tdtm_steps=tdtm_steps, callback=on_progress)
+        result = pipe(prompt, steps=steps, cfg=cfg, cfg_max_t=cfg_max_t, seed=seed, lpl=lpl, tdtm_steps=tdtm_steps,
+                      step_cache=step_cache, callback=on_progress)
     save_video(result.frames, out, fps=fps)
     pipe.close()
     notes = list(result.notes)
@@ -73,6 +80,8 @@ def generate(
         "frames": list(result.frames.shape),
         "seconds": result.timings.to_dict(),
         "transformer_calls": result.sampling.model_calls,
+        "cached_steps": result.sampling.cached_steps,
+        "plan": pipe.plan.to_dict(),
         "leap_step": result.sampling.leap_step[0],
         "peak_rss_bytes": result.memory.peak_rss,
         "loads": result.memory.loads,

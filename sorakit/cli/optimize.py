@@ -53,7 +53,9 @@ def optimize(
             gates[key.strip()] = float(val)
         except ValueError:
             raise SorakitError(f"--gate expects NAME=MIN_SSIM, got {g!r}") from None
-    settings = {"tdtm": {"positions": tdtm_positions, "scope": tdtm_scope}, "fp16": {"islands": fp16_islands}}
+    settings = {**plan.settings,
+                "tdtm": {"positions": tdtm_positions, "scope": tdtm_scope, **plan.settings.get("tdtm", {})},
+                "fp16": {"islands": fp16_islands, **plan.settings.get("fp16", {})}}
     if resolution or frames:
         settings["pin"] = {"resolution": parse_resolution(resolution) if resolution else None, "frames": frames}
     with progress_bar() as bar:

@@ -54,7 +54,7 @@ ROW_TITLES = {
     "tdtm": "+TDTM",
     "cidl": "+CI-DL",
     "int8": "+int8",
-    "all": "all (LPL+TDTM+CI-DL+int8)",
+    "all": "all (LPL+TDTM+CI-DL+int8/bf16+text tokens+step cache)",
 }
 
 
@@ -99,8 +99,12 @@ def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = N
     wd = WorkDir(work)
     work = wd.path
     applied = [p["name"] for p in m.passes]
+    from sorakit.evaluation.best import BEST
+
     bundles = {"fp32": bundle, "tdtm": variant_bundle(bundle, work, ["tdtm"], progress, applied),
-               "tdtm_int8": variant_bundle(bundle, work, ["tdtm", "int8"], progress, applied)}
+               "tdtm_int8": variant_bundle(bundle, work, ["tdtm", "int8"], progress, applied),
+               "best": variant_bundle(bundle, work, ["tdtm", *BEST["passes"]], progress, applied,
+                                      settings=BEST["pass_settings"])}
     transformer_bytes = sum(m.files[f]["bytes"] for g in m.components["transformer"].graphs for f in g.files())
     budget = int(settings.budget_fraction * transformer_bytes)
     minimum = minimum_budget(opened, m.all_graphs())
@@ -117,10 +121,13 @@ def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = N
         "ort": {"bundle": str(bundles["fp32"])},
         "lpl": {"bundle": str(bundles["fp32"]), "lpl": str(s.leap_at)},
         "tdtm": {"bundle": str(bundles["tdtm"]), "tdtm_steps": s.tdtm_steps},
-        "cidl": {"bundle": str(bundles["fp32"]), "memory_budget": budget},
+        "cidl": {"bundle": str(bundles["fp32"]), "graph_budget": budget},
         "int8": {"bundle": str(bundles["tdtm_int8"])},
-        "all": {"bundle": str(bundles["tdtm_int8"]), "lpl": str(s.leap_at), "tdtm_steps": s.tdtm_steps,
-                "memory_budget": budget},
+        # every technique at once, as sorakit runs them by default: CI-DL at the device's budget
+        # (it streams only what does not fit), the plan's engine and precision per component
+        "all": {"bundle": str(bundles["best"]), "device": BEST["device"], "lpl": str(s.leap_at),
+                "tdtm_steps": min(s.tdtm_steps, BEST["tdtm_steps"]), "step_cache": BEST["step_cache"],
+                "memory_budget": None},
     }
     rows: dict[str, dict] = {}
     for rnd in range(s.rounds):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,7 @@ def variant_key(bundle: Path) -> str:
 
 
 def variant_bundle(bundle: Path, work: Path, passes: list[str], say: Callable[[str], None] | None = None,
-                   applied: list[str] | None = None) -> Path:
+                   applied: list[str] | None = None, settings: dict[str, dict] | None = None) -> Path:
     """``bundle`` with ``passes`` applied (ungated: bench and eval measure the effect themselves),
     made once into ``work`` and reused while the source bundle and the pass code are the same;
     passes the bundle already carries (``applied``, read from it when not given) are skipped."""
@@ -46,9 +47,11 @@ def variant_bundle(bundle: Path, work: Path, passes: list[str], say: Callable[[s
     todo = [p for p in passes if p not in applied]
     if not todo:
         return bundle
-    target = work / f"{'_'.join(passes)}-{variant_key(bundle)}"
+    tag = "_".join(passes) + ("-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+                              if settings else "")
+    target = work / f"{tag}-{variant_key(bundle)}"
     if not (target / "manifest.json").is_file():
         if say:
             say(f"optimize {','.join(todo)}")
-        optimize_bundle(bundle, target, todo, gates={p: None for p in todo})
+        optimize_bundle(bundle, target, todo, settings=settings, gates={p: None for p in todo})
     return target

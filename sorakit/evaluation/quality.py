@@ -37,6 +37,10 @@ class EvalSettings:
     lpl: list[str] = field(default_factory=lambda: ["10", "15", "20", "25", "dynamic"])
     tdtm: list[int] = field(default_factory=lambda: [5, 10, 15, 20, 25, 30])
     precisions: list[str] = field(default_factory=lambda: ["fp16", "int8"])
+    step_cache: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])  # step-cache thresholds
+    # settings measured as a whole: name -> {"device", "precision", "memory_budget" (the pipeline),
+    # "passes", "pass_settings" (its variant bundle), "lpl", "tdtm_steps", "step_cache" (the call)}
+    combined: dict[str, dict] = field(default_factory=dict)
     adherence: bool = True  # only meaningful on the shipped model
     adherence_rows: list[str] = field(default_factory=lambda: ["reference", "cfg every step", "lpl 15", "tdtm 15", "int8"])
     # transformer time = the fastest of this many identical runs: millisecond steps time unevenly
@@ -101,8 +105,8 @@ def run_eval(bundle: str | Path, settings: EvalSettings, work: Path | None = Non
     say = progress or (lambda s: None)
     t_start = time.perf_counter()
 
-    def variant(passes: list[str]) -> Path:
-        return variant_bundle(bundle, work, passes, say)
+    def variant(passes: list[str], pass_settings: dict | None = None) -> Path:
+        return variant_bundle(bundle, work, passes, say, settings=pass_settings)
 
     def warm(pipe, tdtm: bool = False):  # load every session before anything is timed
         pipe(settings.prompts[0], steps=2, tdtm_steps=1 if tdtm else 0)
@@ -136,6 +140,25 @@ def run_eval(bundle: str | Path, settings: EvalSettings, work: Path | None = Non
             outputs[f"tdtm {mstep}"] = got
             timers[f"tdtm {mstep}"] = (tdtm_pipe, {"tdtm_steps": mstep})
         pipes.append(tdtm_pipe)
+    for th in settings.step_cache:
+        say(f"step cache {th}")
+        got, t, calls, reps = _videos(base, settings, step_cache=th)
+        name = f"cache {th:g}"
+        rows[name] = _row(f"step cache {th:g}", ref, got, t_ref, t, calls)
+        rows[name]["cached_calls"] = sum(r.cached_steps for r in reps)
+        outputs[name] = got
+        timers[name] = (base, {"step_cache": th})
+    for name, spec in settings.combined.items():
+        say(f"combined: {name}")
+        p = warm(combined_pipeline(bundle, spec, variant), tdtm=bool(spec.get("tdtm_steps")))
+        kw = combined_call(spec)
+        got, t, calls, reps = _videos(p, settings, **kw)
+        rows[name] = _row(name, ref, got, t_ref, t, calls)
+        rows[name].update({"settings": spec, "plan": p.plan.engines(),
+                           "cached_calls": sum(r.cached_steps for r in reps)})
+        outputs[name] = got
+        timers[name] = (p, kw)
+        pipes.append(p)
     for prec in settings.precisions:
         say(prec)
         p = warm(Pipeline.from_bundle(variant([prec]), memory_budget="unlimited"))
@@ -167,6 +190,19 @@ def run_eval(bundle: str | Path, settings: EvalSettings, work: Path | None = Non
     return result
 
 
+def combined_pipeline(bundle: Path, spec: dict, variant):
+    """The pipeline of a combined setting: its variant bundle, device, precision and budget."""
+    from sorakit.runtime.pipeline import Pipeline
+
+    source = variant(spec["passes"], spec.get("pass_settings")) if spec.get("passes") else bundle
+    return Pipeline.from_bundle(source, device=spec.get("device", "cpu"), precision=spec.get("precision"),
+                                memory_budget=spec.get("memory_budget", "unlimited"))
+
+
+def combined_call(spec: dict) -> dict:
+    return {k: spec[k] for k in ("lpl", "tdtm_steps", "step_cache") if spec.get(k) is not None}
+
+
 def adherence(base, settings: EvalSettings, rows: dict, work: Path, variant, say) -> dict[str, Any]:
     """The adherence score (colour, direction) of the 24 evaluation prompts, per setting."""
     from sorakit.adherence import EVAL_PROMPTS, EVAL_SEED, score_set
@@ -187,6 +223,11 @@ def adherence(base, settings: EvalSettings, rows: dict, work: Path, variant, say
             kw["tdtm_steps"] = int(name.split()[1])
         elif name in ("fp16", "int8"):
             pipe = Pipeline.from_bundle(variant([name]), memory_budget="unlimited")
+        elif name.startswith("cache "):
+            kw["step_cache"] = float(name.split()[1])
+        elif name in settings.combined:
+            pipe = combined_pipeline(base.bundle.root, settings.combined[name], variant)
+            kw.update(combined_call(settings.combined[name]))
         r = pipe(prompts, seed=EVAL_SEED, steps=settings.steps, cfg=settings.cfg, **kw)
         scores = score_set(list(r.videos), prompts)
         out[name] = {k: v for k, v in scores.items() if k != "per_prompt"}

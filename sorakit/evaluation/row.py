@@ -21,10 +21,20 @@ def run_row(spec: dict) -> dict:
     from sorakit.runtime.pipeline import Pipeline
 
     base = rss_bytes()
-    pipe = Pipeline.from_bundle(spec["bundle"], memory_budget=spec.get("memory_budget") or "unlimited",
-                                threads=spec.get("threads"), prefetch=spec.get("prefetch", True))
+    budget = spec.get("memory_budget", "unlimited")  # None: the device profile's budget
+    if spec.get("graph_budget"):  # memory for the graphs, on top of what the process holds now
+        budget = base + int(spec["graph_budget"])
+    t_open = time.perf_counter()
+    pipe = Pipeline.from_bundle(spec["bundle"], memory_budget=budget, device=spec.get("device", "cpu"),
+                                threads=spec.get("threads"), prefetch=spec.get("prefetch", True),
+                                precision=spec.get("precision"), verify=spec.get("verify", True))
+    open_s = time.perf_counter() - t_open
+    if spec.get("text_tokens") is False:  # run a dynamic text encoder at the full padded length
+        pipe.dynamic_text = False
     kw = dict(steps=spec["steps"], cfg=spec.get("cfg"), seed=spec.get("seed", 0), lpl=spec.get("lpl"),
               tdtm_steps=spec.get("tdtm_steps", 0))
+    if spec.get("step_cache"):
+        kw["step_cache"] = spec["step_cache"]
     if spec.get("warmup", True):  # load every graph the measured run uses (plain and TDTM blocks)
         pipe(spec["prompt"], **{**kw, "steps": min(2, spec["steps"]), "lpl": None,
                                 "tdtm_steps": min(1, kw["tdtm_steps"])})
@@ -40,8 +50,11 @@ def run_row(spec: dict) -> dict:
         "name": spec.get("name", ""),
         "seconds": {"text_encoder": r.timings.text_encoder, "transformer": r.timings.transformer,
                     "transformer_per_call": float(np.mean(steps)) if steps else 0.0, "vae": r.timings.vae,
-                    "total": wall},
+                    "total": wall, "open": open_s},
+        "plan": pipe.plan.to_dict(),
+        "notes": r.notes,
         "transformer_calls": r.sampling.model_calls,
+        "transformer_evaluations": r.sampling.model_calls - getattr(r.sampling, "cached_steps", 0),
         "peak_rss_bytes": peak.peak(),
         "base_rss_bytes": base,
         "loads": r.memory.loads,

@@ -4,7 +4,9 @@
     python -m sorakit.export.ship --check    # exit 1 if the committed template is stale
 
 The shipped safetensors are exported with torch and verified like any bundle, the TDTM
-variants are added (so ``--tdtm-steps`` works out of the box), and the result is written
+variants are added (so ``--tdtm-steps`` works out of the box; block scope, the faster one, whose
+quality on this model is within 0.01 SSIM of the paper's attention scope: docs/benchmarks.md),
+and the result is written
 without its weight files: ``weights.json`` records, for every tensor of every weight file,
 the safetensors tensor it holds (dtype and transposition). ``sorakit.runtime.default_model``
 assembles the weight files from that with numpy alone and checks them against the manifest's
@@ -23,14 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from sorakit.bundle.io import MANIFEST
 from sorakit.errors import SorakitError
+from sorakit.graph_passes.onnx_utils import initializer_array
 from sorakit.runtime.default_model import SHIPPED, TEMPLATE, WEIGHTS, assemble
 from sorakit.tensorfile import read_tensors
 
 COMPONENTS = ("text_encoder", "transformer", "vae")
+TDTM_SCOPE = "block"
 
 
 def build_template(assets: Path = SHIPPED, out: Path = TEMPLATE, progress=None) -> dict:
@@ -46,7 +49,7 @@ def build_template(assets: Path = SHIPPED, out: Path = TEMPLATE, progress=None) 
         export_bundle(ExportSettings(preset, h, w, preset.num_frames), plain,
                       {c: assets / c for c in COMPONENTS}, progress=progress,
                       tokenizer_source=assets / "tokenizer.json")
-        optimize_bundle(plain, full, ["tdtm"], gates={"tdtm": None})
+        optimize_bundle(plain, full, ["tdtm"], settings={"tdtm": {"scope": TDTM_SCOPE}}, gates={"tdtm": None})
         manifest = json.loads((full / MANIFEST).read_text())
         # where the weights came from, independent of where this copy of sorakit is installed
         manifest["export"]["weights"] = {c: f"shipped:{c}" for c in COMPONENTS}
@@ -97,10 +100,7 @@ def weight_map(bundle: Path, manifest: dict, assets: Path) -> dict:
             pieces = data_files.setdefault(data_rel, {})
             if offset in pieces:
                 continue  # a variant sharing the base graph's tensor
-            t = onnx.TensorProto()
-            t.CopyFrom(init)
-            onnx.external_data_helper.load_external_data_for_tensor(t, str((bundle / rel).parent))
-            value = numpy_helper.to_array(t)
+            value = initializer_array((bundle / rel).parent, init)
             pieces[offset] = {"offset": offset, "length": length, "dtype": str(value.dtype),
                               **_trace(value, by_numel, sources, raw)}
     files = {}

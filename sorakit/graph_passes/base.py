@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import onnx
 
 from sorakit.bundle.manifest import GraphEntry, Manifest
-from sorakit.graph_passes.onnx_utils import IR_VERSION
+from sorakit.graph_passes.onnx_utils import IR_VERSION, load
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Workspace:
         return sum(self.path(f).stat().st_size for f in {entry.file, entry.data} if f and self.path(f).exists())
 
     def load(self, rel: str, with_data: bool = False) -> onnx.ModelProto:
-        return onnx.load(str(self.path(rel)), load_external_data=with_data)
+        return load(self.path(rel), with_data)
 
     def save(self, model: onnx.ModelProto, rel: str, data_rel: str | None = None) -> None:
         """Save a graph; with ``data_rel`` its tensors go to that external-data file (new)."""

@@ -14,7 +14,39 @@ IR_VERSION = 9  # onnxruntime 1.31 loads at most IR 13; keep what the exporters 
 
 
 def load(path: str | Path, with_data: bool = False) -> onnx.ModelProto:
-    return onnx.load(str(path), load_external_data=with_data)
+    """A graph, with its external weights read in when ``with_data``.
+
+    The weights are read here rather than by ``onnx.load``: bundles written by ``sorakit
+    optimize`` hard-link the weight files a pass did not change (ONNX Runtime loads them as
+    usual), and onnx refuses hard-linked external data. Locations must stay inside the graph's
+    directory, and offsets and lengths inside the file.
+    """
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    if with_data:
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                read_external(path.parent, init)
+    return model
+
+
+def read_external(model_dir: Path, init: onnx.TensorProto) -> None:
+    """Replace an initializer's external-data reference by its bytes (in place)."""
+    info = {kv.key: kv.value for kv in init.external_data}
+    location = info.get("location", "")
+    target = (model_dir / location).resolve()
+    if not location or Path(location).is_absolute() or not target.is_relative_to(model_dir.resolve()):
+        raise ValueError(f"initializer {init.name}: external data location {location!r} leaves {model_dir}")
+    offset, length = int(info.get("offset", 0)), info.get("length")
+    size = target.stat().st_size
+    length = size - offset if length is None else int(length)
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ValueError(f"initializer {init.name}: bytes {offset}..{offset + length} lie outside {location} ({size} B)")
+    with open(target, "rb") as f:
+        f.seek(offset)
+        init.raw_data = f.read(length)
+    del init.external_data[:]
+    init.data_location = onnx.TensorProto.DEFAULT
 
 
 def module_path(node: onnx.NodeProto) -> str:
@@ -115,11 +147,9 @@ def const(name: str, value) -> onnx.TensorProto:
 def initializer_array(model_dir: Path, init: onnx.TensorProto) -> np.ndarray:
     """An initializer's values, reading external data relative to the model's directory."""
     if init.data_location == onnx.TensorProto.EXTERNAL:
-        from onnx.external_data_helper import load_external_data_for_tensor
-
         t = onnx.TensorProto()
         t.CopyFrom(init)
-        load_external_data_for_tensor(t, str(model_dir))
+        read_external(Path(model_dir), t)
         return numpy_helper.to_array(t)
     return numpy_helper.to_array(init)
 

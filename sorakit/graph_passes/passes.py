@@ -347,6 +347,8 @@ class _PrecisionPass(GraphPass):
         raise NotImplementedError
 
     def rewrite(self, ws, manifest, component, entry) -> list[GraphChange]:
+        if self._settings.get("variant"):
+            return self._add_variants(ws, entry)
         base_before = ws.size(entry)
         base_nodes = len(ws.load(entry.file).graph.node)
         base = self.convert(ws, entry)
@@ -368,6 +370,33 @@ class _PrecisionPass(GraphPass):
             changes.append(GraphChange(v.name, nodes_before[v.name], len(m.graph.node), before,
                                        ws.path(r).stat().st_size, note="weights shared with " + entry.name,
                                        replaced=olds[v.name]))
+        return changes
+
+
+    def _add_variants(self, ws: Workspace, entry: GraphEntry) -> list[GraphChange]:
+        """Keep the graph and add this precision as variants: ``<tag>`` of the graph and
+        ``<variant>+<tag>`` of each existing variant (e.g. ``tdtm+int8``), sharing one new weight
+        file. The runtime picks a precision per component from these (``runtime.plan``)."""
+        sources = [("", entry)] + [(k, v) for k, v in entry.variants.items() if self.tag not in k.split("+")]
+        converted = {key: (src, self.convert(ws, src)) for key, src in sources}
+        base_key = self.tag
+        rel = new_name(entry.file, self.tag)
+        data = rel + ".data"
+        base_src, base_model = converted.pop("")
+        others = {new_name(src.file, self.tag): model for _, (src, model) in converted.items()}
+        save_shared(ws, base_model, rel, data, others)
+        changes = []
+        for key, src, model, file in [(base_key, base_src, base_model, rel)] + [
+                (f"{k}+{self.tag}", src, model, new_name(src.file, self.tag)) for k, (src, model) in converted.items()]:
+            variant = GraphEntry(
+                name=f"{src.name}.{self.tag}", role=entry.role, file=file, data=data,
+                inputs=[copy.deepcopy(t) for t in src.inputs], outputs=[copy.deepcopy(t) for t in src.outputs],
+                modules=list(src.modules), params=src.params, flops=src.flops,
+                info={**src.info, "precision": self.tag})
+            entry.variants[key] = variant
+            changes.append(GraphChange(variant.name, len(ws.load(src.file).graph.node), len(model.graph.node),
+                                       ws.size(src), ws.path(file).stat().st_size,
+                                       note=f"variant {key!r} beside the fp32 graph", new_variant=key))
         return changes
 
 
@@ -553,7 +582,8 @@ class PinPass(GraphPass):
         d = {"batch": 1, "batch2": 2, "latent_frames": T, "latent_height": lh, "latent_width": lw,
              "tokens": (-(-lh // ph)) * (-(-lw // pw)), "frames": preset.vae.spatial.micro_batch_size,
              "chunk_latent_frames": zt, "chunk_frames": nf,
-             "chunk_decoded_frames": zt * preset.vae.temporal.time_downsample}
+             "chunk_decoded_frames": zt * preset.vae.temporal.time_downsample,
+             "text_tokens": int(manifest.tokenizer["max_length"])}
         for level in range(len(preset.vae.temporal.channel_multipliers)):
             ups = sum(preset.vae.temporal.temporal_downsample[level:])
             d[f"frames_l{level}"] = zt * 2**ups

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ def optimize_bundle(
     for rel in manifest.files:
         dst = staging.dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(bundle.path(rel), dst)  # a copy: onnx refuses hard-linked external data
+        link_or_copy(bundle.path(rel), dst)
     ws = Workspace(staging.dir)
     report = OptimizeReport(out)
     gates = {**{p.name: p.gate for p in objs if p.lossy}, **(gates or {})}
@@ -87,8 +88,9 @@ def optimize_bundle(
                     if gates.get(q.name) is None:
                         record.gate = {"skipped": "not gated on request"}
                     else:
+                        precision = q.name if q.settings().get("variant") else None  # run the variants it added
                         record.gate = run_gate(q.name, ws, before, manifest, gates[q.name], force, gate_steps,
-                                               raise_on_fail=last)
+                                               precision, raise_on_fail=last)
                         if not record.gate["passed"] and not last:
                             # a stricter setting of the same pass is tried next: undo this attempt
                             attempts.append({"settings": q.settings(), **{k2: record.gate[k2] for k2 in
@@ -126,6 +128,20 @@ def _apply(p, ws: Workspace, manifest: Manifest, progress: ProgressFn | None) ->
         progress(p.name, len(targets), len(targets))
     p.finish(manifest)
     return record
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a file of the input bundle into the new one (a copy across file systems).
+
+    Passes never write into an existing file: they write new files (``Workspace.save``), so a
+    link shares only what no pass changed; a real-size bundle is tens of GB. ONNX Runtime loads
+    hard-linked external data; sorakit reads weights itself (``onnx_utils.load``) because onnx
+    refuses them.
+    """
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _fresh(d: Path) -> None:
@@ -186,7 +202,10 @@ def verify_exact(ws: Workspace, old: GraphEntry, new: GraphEntry, manifest: Mani
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if adapt is None:
-        feeds = sample_inputs(new, manifest, {t.name: t.shape for t in new.inputs})
+        # symbolic dimensions of the new graph are checked at the old graph's sizes
+        shapes = {t.name: [o if not isinstance(d, int) else d for d, o in zip(t.shape, old_t.shape)]
+                  for t, old_t in zip(new.inputs, old.inputs)}
+        feeds = sample_inputs(new, manifest, shapes)
         feeds_old = feeds
     else:
         feeds_old = sample_inputs(old, manifest, {t.name: t.shape for t in old.inputs})
@@ -209,7 +228,7 @@ def verify_exact(ws: Workspace, old: GraphEntry, new: GraphEntry, manifest: Mani
 
 
 def run_gate(name: str, ws: Workspace, before: Manifest, after: Manifest, threshold: float, force: bool,
-             steps: int | None, raise_on_fail: bool = True) -> dict[str, Any]:
+             steps: int | None, precision: str | None = None, raise_on_fail: bool = True) -> dict[str, Any]:
     """End-to-end SSIM of videos from fixed prompts/seeds, before vs after the pass."""
     from sorakit.metrics import psnr, video_ssim
     from sorakit.runtime.pipeline import Pipeline
@@ -219,7 +238,7 @@ def run_gate(name: str, ws: Workspace, before: Manifest, after: Manifest, thresh
         return {"skipped": f"the bundle lacks {missing}; no end-to-end gate", "threshold": threshold}
     steps = steps or int(after.sampler.get("num_steps", 30))
     pa = Pipeline(Bundle(ws.root, before, verify="none"), memory_budget="unlimited", verify=False)
-    pb = Pipeline(Bundle(ws.root, after, verify="none"), memory_budget="unlimited", verify=False)
+    pb = Pipeline(Bundle(ws.root, after, verify="none"), memory_budget="unlimited", verify=False, precision=precision)
     ssims, psnrs = [], []
     for i, prompt in enumerate(GATE_PROMPTS):
         if name == "tdtm":

@@ -43,6 +43,7 @@ def register(cls: type[GraphPass]) -> type[GraphPass]:
 def _load() -> dict[str, type[GraphPass]]:
     import sorakit.graph_passes.coreml  # noqa: F401 - registers the Core ML passes
     import sorakit.graph_passes.passes  # noqa: F401 - registers the built-in passes
+    import sorakit.graph_passes.text_tokens  # noqa: F401
 
     return PASSES
 
@@ -80,6 +81,7 @@ def check_profile(profile: DeviceProfile) -> None:
 class PassPlan:
     apply: list[str]  # in canonical order
     already: list[str] = field(default_factory=list)  # the profile's passes the bundle carries already
+    settings: dict[str, dict] = field(default_factory=dict)  # the profile's settings of the passes it applies
 
 
 def plan_passes(manifest: Manifest, passes: str | list[str] | None = None,
@@ -102,4 +104,6 @@ def plan_passes(manifest: Manifest, passes: str | list[str] | None = None,
             names.append("pin")
     if not names and not already:
         raise SorakitError("no passes given: use --passes NAME[,NAME...] or --device NAME")
-    return PassPlan(parse_passes(names), already)
+    names = parse_passes(names)
+    settings = {k: dict(v) for k, v in (profile.pass_settings.items() if profile else []) if k in names}
+    return PassPlan(names, already, settings)

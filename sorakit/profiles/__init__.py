@@ -26,7 +26,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 PROFILE_DIR = Path(__file__).resolve().parent
+OPENVINO = "OpenVINO"  # the OpenVINO runtime (a second engine beside ONNX Runtime, not an ORT EP)
 KNOWN_PROVIDERS = {
+    OPENVINO,
     "CPUExecutionProvider",
     "CoreMLExecutionProvider",
     "XnnpackExecutionProvider",
@@ -34,9 +36,9 @@ KNOWN_PROVIDERS = {
     "CUDAExecutionProvider",
     "DmlExecutionProvider",
 }
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 TOP_LEVEL_KEYS = {"name", "description", "providers", "memory_budget", "threads", "static_shapes", "precision",
-                  "optimize_passes", "coreml"}
+                  "optimize_passes", "pass_settings", "coreml"}
 # values ORT's CoreML EP accepts (coreml_options.cc, ORT >= 1.20); an unknown key is rejected as a typo
 COREML_OPTIONS = {
     "ModelFormat": {"MLProgram", "NeuralNetwork"},
@@ -47,6 +49,12 @@ COREML_OPTIONS = {
     "SpecializationStrategy": {"Default", "FastPrediction"},
     "ProfileComputePlan": {"0", "1"},
     "AllowLowPrecisionAccumulationOnGPU": {"0", "1"},
+}
+# OpenVINO CPU properties a profile may set (others are rejected as typos)
+OPENVINO_OPTIONS = {
+    "INFERENCE_PRECISION_HINT": {"bf16", "f32", "f16"},
+    "CACHE_DIR": None,  # "{cache}" is replaced by the sorakit cache directory
+    "ENABLE_MMAP": {"YES", "NO"},
 }
 COREML_KEYS = {"model_format": str, "max_dim": int, "max_rank": int, "max_model_bytes": str}
 
@@ -68,6 +76,7 @@ class DeviceProfile:
     precision: str = "fp32"
     optimize_passes: tuple[str, ...] = ()
     coreml: dict[str, Any] = field(default_factory=dict)
+    pass_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"int8": {"variant": True}}
 
     @property
     def uses_coreml(self) -> bool:
@@ -128,6 +137,7 @@ class DeviceProfile:
             "static_shapes": self.static_shapes,
             "precision": self.precision,
             "optimize_passes": list(self.optimize_passes),
+            "pass_settings": {k: dict(v) for k, v in self.pass_settings.items()},
             "providers": [{"name": p.name, "options": dict(p.options)} for p in self.providers],
             "coreml": dict(self.coreml),
         }
@@ -171,7 +181,9 @@ def load_profile(path: str | Path) -> DeviceProfile:
             raise SorakitError(f"{where}: options {bad} of {p['name']} must be strings, numbers or booleans")
         options = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in options.items()}
         if p["name"] == "CoreMLExecutionProvider":
-            _check_coreml_options(options, where)
+            _check_options(options, COREML_OPTIONS, "CoreML EP", where)
+        if p["name"] == OPENVINO:
+            _check_options(options, OPENVINO_OPTIONS, "OpenVINO", where)
         providers.append(ProviderSpec(p["name"], options))
     if providers[-1].name != "CPUExecutionProvider":
         raise SorakitError(f"{where}: the last provider must be CPUExecutionProvider (ORT's fallback)")
@@ -200,7 +212,13 @@ def load_profile(path: str | Path) -> DeviceProfile:
     if not isinstance(data.get("static_shapes", False), bool):
         raise SorakitError(f"{where}: static_shapes must be true or false")
     if data.get("precision", "fp32") not in PRECISIONS:
-        raise SorakitError(f"{where}: precision must be fp32, fp16 or int8")
+        raise SorakitError(f"{where}: precision must be one of {', '.join(PRECISIONS)}")
+    pass_settings = data.get("pass_settings", {})
+    if not isinstance(pass_settings, dict) or not all(isinstance(v, dict) for v in pass_settings.values()):
+        raise SorakitError(f"{where}: [pass_settings] must hold one table per pass, e.g. [pass_settings.int8]")
+    stray = sorted(set(pass_settings) - set(passes))
+    if stray:
+        raise SorakitError(f"{where}: [pass_settings] names {stray}, which optimize_passes does not list")
     coreml = data.get("coreml", {})
     if not isinstance(coreml, dict):
         raise SorakitError(f"{where}: [coreml] must be a table")
@@ -229,16 +247,17 @@ def load_profile(path: str | Path) -> DeviceProfile:
         precision=data.get("precision", "fp32"),
         optimize_passes=tuple(passes),
         coreml=dict(coreml),
+        pass_settings={k: dict(v) for k, v in pass_settings.items()},
     )
 
 
-def _check_coreml_options(options: dict[str, str], where: str) -> None:
+def _check_options(options: dict[str, str], known: dict, what: str, where: str) -> None:
     for k, v in options.items():
-        if k not in COREML_OPTIONS:
-            raise SorakitError(f"{where}: unknown CoreML EP option {k!r}; known: {sorted(COREML_OPTIONS)}")
-        allowed = COREML_OPTIONS[k]
+        if k not in known:
+            raise SorakitError(f"{where}: unknown {what} option {k!r}; known: {sorted(known)}")
+        allowed = known[k]
         if allowed is not None and v not in allowed:
-            raise SorakitError(f"{where}: CoreML EP option {k} = {v!r}; allowed: {sorted(allowed)}")
+            raise SorakitError(f"{where}: {what} option {k} = {v!r}; allowed: {sorted(allowed)}")
 
 
 def list_profiles() -> list[str]:

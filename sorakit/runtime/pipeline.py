@@ -24,10 +24,11 @@ import numpy as np
 
 from sorakit.bundle.io import Bundle
 from sorakit.bundle.manifest import GraphEntry
-from sorakit.errors import SorakitError
-from sorakit.memory import available_memory
+from sorakit.errors import BudgetError, SorakitError
+from sorakit.memory import available_memory, rss_bytes
 from sorakit.presets import ModelPreset, check_geometry, decode_chunks
 from sorakit.profiles import DeviceProfile, get_profile
+from sorakit.runtime.plan import ExecutionPlan, make_plan
 from sorakit.runtime.sampler import (
     LPL,
     SampleReport,
@@ -37,10 +38,11 @@ from sorakit.runtime.sampler import (
     timestep_schedule,
     to_uint8_video,
 )
-from sorakit.runtime.scheduler import BlockScheduler, SchedulerStats
-from sorakit.runtime.session import SessionFactory, SessionOptions, plan_providers
+from sorakit.runtime.scheduler import BlockScheduler, SchedulerStats, minimum_budget
+from sorakit.runtime.session import ORT, SessionFactory, SessionOptions, plan_providers
+from sorakit.runtime.step_cache import StepCache
 from sorakit.tokenizer import PromptTokenizer
-from sorakit.units import parse_bytes
+from sorakit.units import human_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ class Pipeline:
         threads: int | None = None,
         prefetch: bool = True,
         verify: bool = True,
+        precision: str | None = None,
     ):
         self.bundle = bundle
         m = bundle.manifest
@@ -114,23 +117,47 @@ class Pipeline:
         self.providers = plan_providers(self.profile, strict)
         threads = self.profile.threads if threads is None else threads
         self.factory = SessionFactory(self.providers, SessionOptions(threads=threads, strict=strict))
-        self.budget = self._budget(memory_budget)
-        self.scheduler = BlockScheduler(bundle, self.factory, self.budget, prefetch)
         missing = [c for c in ("text_encoder", "transformer", "vae") if c not in m.components]
         if missing:
             raise SorakitError(f"bundle {bundle.root} lacks components {missing}; export them to generate video")
-        self.te_graphs = m.components["text_encoder"].graphs
+        # the budget is for the whole process: what it holds already (interpreter, libraries) is
+        # subtracted, the rest is for the graphs' sessions
+        self.budget = self._budget(memory_budget)
+        self.block_budget = None
+        if self.budget is not None:
+            base = rss_bytes()
+            self.block_budget = self.budget - base
+            if self.block_budget <= 0:
+                need = base + minimum_budget(bundle, m.all_graphs())
+                raise BudgetError(f"memory budget {human_bytes(self.budget)} is below what this process already uses "
+                                  f"({human_bytes(base)}) before loading any graph; the smallest workable budget "
+                                  f"is about {human_bytes(need)}")
+        te = m.components["text_encoder"].graphs
+        dynamic_text = not all(isinstance(d, int) for d in te[0].inputs[0].shape)
+        self.plan: ExecutionPlan = make_plan(bundle, self.providers, self.block_budget,
+                                             steps=int(m.sampler.get("num_steps", self.preset.sampler.num_steps)),
+                                             precision=precision, text_tokens=32 if dynamic_text else None)
+        self.te_graphs = [self.plan.graph("text_encoder", g) for g in te]
         self.tr = {r: m.components["transformer"].by_role(r) for r in ("prologue", "block", "epilogue")}
-        self.vae_temporal = m.components["vae"].by_role("temporal")
-        self.vae_spatial = m.components["vae"].by_role("spatial")
+        self.vae_temporal = [self.plan.graph("vae", g) for g in m.components["vae"].by_role("temporal")]
+        self.vae_spatial = [self.plan.graph("vae", g) for g in m.components["vae"].by_role("spatial")]
+        engines = {}
+        for comp, c in m.components.items():
+            for g in c.graphs:
+                for e in [g, *g.variants.values()]:
+                    engines[e.name] = self.plan.choice(comp).engine
+        self.scheduler = BlockScheduler(bundle, self.factory, self.block_budget, prefetch,
+                                        engine_of=lambda g: engines.get(g.name, ORT))
         if verify:
             bundle.verify_all()
-        self.scheduler.check_budget(m.all_graphs())
+        self.scheduler.check_budget(self.te_graphs + self._step_chain(False) + self.vae_temporal + self.vae_spatial,
+                                    base=0 if self.budget is None else self.budget - self.block_budget)
         tok = m.tokenizer
         self.tokenizer = PromptTokenizer(bundle.path(tok["file"]), tok["max_length"], tok["pad_id"], tok["eos_id"])
         self.null_caption = np.load(bundle.path(m.null_caption["file"])).astype(np.float32)
         emb = m.components["text_encoder"].info.get("embedding_file")
         self.embedding = np.load(bundle.path(emb), mmap_mode="r") if emb else None
+        self.dynamic_text = dynamic_text
 
     @classmethod
     def from_bundle(
@@ -142,14 +169,17 @@ class Pipeline:
         threads: int | None = None,
         prefetch: bool = True,
         verify: bool = True,
+        precision: str | None = None,
     ) -> Pipeline:
         """Open a bundle directory; checksums are verified before any work unless ``verify=False``.
 
-        ``device`` names a profile (cpu, iphone-15-pro, mac, android); ``memory_budget`` is
-        bytes or a string like "2GB" or "40%" (of available memory), default the profile's;
-        "unlimited" keeps every graph resident.
+        ``device`` names a profile (cpu, cpu-bf16, iphone-15-pro, mac, android); ``memory_budget``
+        is the process's memory, bytes or a string like "2GB" or "40%" (of available memory),
+        default the profile's; "unlimited" keeps every graph resident. ``precision`` forces one
+        (fp32, int8, bf16) instead of the execution plan's choice per component.
         """
-        return cls(Bundle.open(path, verify="lazy"), device, memory_budget, strict, threads, prefetch, verify)
+        return cls(Bundle.open(path, verify="lazy"), device, memory_budget, strict, threads, prefetch, verify,
+                   precision)
 
     def _budget(self, spec: str | int | None) -> int | None:
         if spec in ("unlimited", "none", 0):
@@ -185,38 +215,55 @@ class Pipeline:
                 notes.append(f"{unk} token(s) of {p[:60]!r} are unknown to the tokenizer")
         outs = []
         for i in range(len(prompts)):
-            ctx: dict[str, np.ndarray] = {"input_ids": batch.ids[i : i + 1], "attention_mask": batch.mask[i : i + 1]}
+            ids, mask = batch.ids[i : i + 1], batch.mask[i : i + 1]
+            # graphs with a dynamic token axis run on the prompt's tokens only: padding is masked
+            # out of attention, so the prompt's outputs are the same, and the padded rows are
+            # masked out of the transformer's cross-attention (zeros here)
+            n = max(1, int(mask.sum())) if self.dynamic_text else ids.shape[1]
+            ctx: dict[str, np.ndarray] = {"input_ids": ids[:, :n], "attention_mask": mask[:, :n]}
             if self.embedding is not None:
-                ctx["inputs_embeds"] = np.ascontiguousarray(self.embedding[batch.ids[i : i + 1]], dtype=np.float32)
+                ctx["inputs_embeds"] = np.ascontiguousarray(self.embedding[ids[:, :n]], dtype=np.float32)
             self.scheduler.run_chain(self.te_graphs, ctx, then=self._after_text())
-            outs.append(ctx["text"])
+            text = ctx["text"]
+            if text.shape[1] < ids.shape[1]:
+                text = np.concatenate([text, np.zeros((1, ids.shape[1] - n, text.shape[2]), text.dtype)], axis=1)
+            outs.append(text)
         return np.concatenate(outs), batch.mask
 
     def _after_text(self) -> GraphEntry | None:
-        return self.tr["prologue"][0] if self.tr["prologue"] else None
+        return self._step_chain(False)[0]
 
     # -- transformer ----------------------------------------------------------------------------
     def _blocks(self, tdtm: bool) -> list[GraphEntry]:
-        if not tdtm:
-            return self.tr["block"]
-        missing = [g.name for g in self.tr["block"] if "tdtm" not in g.variants]
-        if missing:
-            raise SorakitError(
-                f"tdtm_steps > 0 needs the bundle's TDTM variants, which {missing[0]} lacks",
-                hint="add them with: sorakit optimize BUNDLE --passes tdtm --out BUNDLE2",
-            )
-        return [g.variants["tdtm"] for g in self.tr["block"]]
+        if tdtm:
+            missing = [g.name for g in self.tr["block"] if "tdtm" not in g.variants]
+            if missing:
+                raise SorakitError(
+                    f"tdtm_steps > 0 needs the bundle's TDTM variants, which {missing[0]} lacks",
+                    hint="add them with: sorakit optimize BUNDLE --passes tdtm --out BUNDLE2",
+                )
+        return [self._tr(g, "tdtm" if tdtm else "") for g in self.tr["block"]]
+
+    def _tr(self, g: GraphEntry, variant: str = "") -> GraphEntry:
+        """A transformer graph as the plan runs it (the int8 variant, say), falling back to the
+        graph itself where the precision pass left it alone (prologue, epilogue)."""
+        key = "+".join(x for x in (variant, self.plan.choice("transformer").tag) if x)
+        if not key or key in g.variants:
+            return self.plan.graph("transformer", g, variant)
+        return g.variants[variant] if variant else g
 
     def _step_chain(self, tdtm: bool) -> list[GraphEntry]:
-        return self.tr["prologue"] + self._blocks(tdtm) + self.tr["epilogue"]
+        return [self._tr(g) for g in self.tr["prologue"]] + self._blocks(tdtm) + [self._tr(g) for g in self.tr["epilogue"]]
 
     def _velocity(self, y: np.ndarray, y_mask: np.ndarray, height: int, width: int, tdtm_steps: int,
-                  num_steps: int, on_step: Callable[[int, float], None]):
+                  num_calls: int, on_step: Callable[[int, float], None], cache: StepCache | None = None,
+                  no_cache_steps: frozenset[int] = frozenset()):
         null = np.broadcast_to(self.null_caption[None], (1, *self.null_caption.shape)).astype(np.float32)
         batch_dim = self.tr["prologue"][0].inputs[0].shape[0]
         pairs = isinstance(batch_dim, int)  # static graphs take one prompt (a CFG pair) per call
         fps = np.array([float(self.preset.sampler.fps)], dtype=np.float32)
         hw = np.array([float(height)], dtype=np.float32), np.array([float(width)], dtype=np.float32)
+        phase: list[bool | None] = [None]  # the TDTM phase residency was last planned for
 
         def run(z_pair: np.ndarray, t_pair: np.ndarray, idx: np.ndarray, step: int) -> np.ndarray:
             k = len(idx)
@@ -235,13 +282,29 @@ class Pipeline:
                 "width": hw[1],
             }
             chain = self._step_chain(step < tdtm_steps)
-            nxt = self._step_chain(step + 1 < tdtm_steps)[0] if step + 1 < num_steps else self.vae_temporal[0]
-            self.scheduler.run_chain(chain, ctx, then=nxt)
+            nxt = self._step_chain(step + 1 < tdtm_steps)[0] if step + 1 < num_calls else self.vae_temporal[0]
+            if cache is None:
+                self.scheduler.run_chain(chain, ctx, then=nxt)
+                return ctx["velocity"]
+            n_pro, n_epi = len(self.tr["prologue"]), len(self.tr["epilogue"])
+            pro, blocks, epi = chain[:n_pro], chain[n_pro:-n_epi], chain[-n_epi:]
+            self.scheduler.run_chain(pro, ctx, then=blocks[0])
+            key = (tuple(int(i) for i in idx), len(z_pair), step < tdtm_steps)
+            residual = cache.decide(key, ctx["tokens"], ctx["t_mlp"], step not in no_cache_steps)
+            if residual is not None:
+                ctx["tokens"] = ctx["tokens"] + residual
+                self.scheduler.run_chain(epi, ctx, then=nxt)
+            else:
+                tokens_in = ctx["tokens"]
+                self.scheduler.run_chain(blocks + epi, ctx, then=nxt)
+                cache.store(key, tokens_in, ctx["tokens"])
             return ctx["velocity"]
 
         def velocity(z_in: np.ndarray, t: np.ndarray, step: int, active: np.ndarray) -> np.ndarray:
             t0 = time.perf_counter()
-            self._plan_usage(n_active=len(active), step=step, num_steps=num_steps, tdtm_steps=tdtm_steps)
+            if phase[0] != (step < tdtm_steps):  # residency is planned once per phase, not per step
+                phase[0] = step < tdtm_steps
+                self._plan_denoise(len(active), step, num_calls, tdtm_steps)
             k = len(active)
             if not pairs:
                 out = run(z_in, t, active, step)  # batch 2k (CFG) or k (prompt only)
@@ -255,27 +318,34 @@ class Pipeline:
 
         return velocity
 
-    def _plan_usage(self, n_active: int, step: int, num_steps: int, tdtm_steps: int, text_left: int = 0) -> None:
-        """Tell the scheduler how often each graph runs in the rest of this call (residency)."""
-        calls = n_active if isinstance(self.tr["prologue"][0].inputs[0].shape[0], int) else 1
-        left = num_steps - step
-        tdtm_left = max(0, tdtm_steps - step)
-        usage: dict[str, int] = {g.name: text_left for g in self.te_graphs}
-        for g in self.tr["prologue"] + self.tr["epilogue"]:
-            usage[g.name] = left * calls
-        for g in self.tr["block"]:
+    def _uses(self, n: int) -> int:
+        """Calls of each transformer graph per step for n prompts (static graphs: one per prompt)."""
+        return n if isinstance(self.tr["prologue"][0].inputs[0].shape[0], int) else 1
+
+    def _plan_text(self, n_prompts: int) -> None:
+        usage = {g.name: n_prompts for g in self.te_graphs}
+        self.scheduler.set_usage(usage, self.te_graphs + self._step_chain(False), active=self.te_graphs)
+
+    def _plan_denoise(self, n_active: int, step: int, num_calls: int, tdtm_steps: int) -> None:
+        """Residency for the rest of the denoising from ``step``: how often each graph still runs."""
+        calls = self._uses(n_active)
+        left = max(0, num_calls - step)
+        tdtm_left = max(0, min(tdtm_steps, num_calls) - step)
+        usage: dict[str, int] = {}
+        for g in self._step_chain(False):
             usage[g.name] = (left - tdtm_left) * calls
-            if "tdtm" in g.variants:
-                usage[g.variants["tdtm"].name] = tdtm_left * calls
-        t_uses, s_uses = self._vae_calls()
-        for g in self.vae_temporal:
-            usage[g.name] = n_active * t_uses
-        for g in self.vae_spatial:
-            usage[g.name] = n_active * s_uses
+        if tdtm_left:
+            for g in self._step_chain(True):
+                usage[g.name] = usage.get(g.name, 0) + tdtm_left * calls
         chain = self._step_chain(tdtm_left > 0)
-        order = self.te_graphs + chain + (self._blocks(False) if tdtm_left else []) + self.vae_temporal \
-            + self.vae_spatial
-        self.scheduler.set_usage(usage, order, active=self.te_graphs if text_left else chain)
+        order = chain + (self._step_chain(False) if tdtm_left else []) + self.vae_temporal + self.vae_spatial
+        self.scheduler.set_usage(usage, order, active=chain)
+
+    def _plan_decode(self, n_prompts: int, num_frames: int) -> None:
+        vae = self.vae_temporal + self.vae_spatial
+        t_uses, s_uses = self._vae_calls(num_frames)
+        usage = {g.name: n_prompts * (t_uses if g in self.vae_temporal else s_uses) for g in vae}
+        self.scheduler.set_usage(usage, vae, active=vae)
 
     # -- VAE ------------------------------------------------------------------------------------
     def _vae_calls(self, num_frames: int | None = None) -> tuple[int, int]:
@@ -338,6 +408,7 @@ class Pipeline:
         num_frames: int | None = None,
         noise: np.ndarray | None = None,
         callback: Callable[[Progress], None] | None = None,
+        step_cache: float | None = None,
     ) -> GenerationResult:
         """Generate one video per prompt.
 
@@ -347,7 +418,9 @@ class Pipeline:
         Open-Sora); 1000 or more: every step.
         ``lpl``: None/"off", "15" (15 steps then a leap), "dynamic[:start=14,tol=1e-3,patience=3]".
         ``tdtm_steps``: the first m steps use the TDTM block variants (needs ``sorakit optimize
-        --passes tdtm``). ``noise`` overrides the seeded initial latent.
+        --passes tdtm``). ``noise`` overrides the seeded initial latent. ``step_cache``: reuse
+        the blocks' residual while the accumulated relative change of their modulated input
+        stays below this (``step_cache.py``; e.g. 0.1); None or 0: every step runs the blocks.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -378,7 +451,7 @@ class Pipeline:
                     callback(Progress(stage, i, total, info))
 
             # 1. text
-            self._plan_usage(len(prompts), 0, steps, tdtm_steps, text_left=len(prompts))
+            self._plan_text(len(prompts))
             emit("text", 0, len(prompts))
             t0 = time.perf_counter()
             y, mask = self.encode_prompts(prompts, notes)
@@ -398,21 +471,24 @@ class Pipeline:
             def on_step(step, seconds):
                 timings.transformer_steps.append(seconds)
 
-            vel = self._velocity(y, mask, height, width, tdtm_steps, steps, on_step)
+            num_calls = lpl.leap_at + 1 if lpl.mode == "fixed" else steps
+            cache = StepCache(float(step_cache)) if step_cache else None
+            # the last call, and a fixed leap's call, must see the model itself
+            no_cache = frozenset({num_calls - 1, steps - 1})
+            vel = self._velocity(y, mask, height, width, tdtm_steps, num_calls, on_step, cache, no_cache)
             t0 = time.perf_counter()
             emit("denoise", 0, steps)
             z, report = rflow_sample(vel, z, ts, cfg, lpl, sampler.num_timesteps,
                                      on_step=lambda i, r: emit("denoise", i + 1, steps, calls=r.model_calls),
                                      guidance_max_t=cfg_max_t)
             timings.transformer = time.perf_counter() - t0
+            if cache is not None:
+                report.cached_steps = cache.skipped
             emit("denoise", steps, steps, calls=report.model_calls)
 
             # 3. decode
             t0 = time.perf_counter()
-            vae = self.vae_temporal + self.vae_spatial
-            t_uses, s_uses = self._vae_calls(num_frames)
-            usage = {g.name: len(prompts) * (t_uses if g.role == "temporal" else s_uses) for g in vae}
-            self.scheduler.set_usage(usage, vae, active=vae)
+            self._plan_decode(len(prompts), num_frames)
             video = self.decode(z, num_frames, lambda i, n: emit("decode", i, n))
             timings.vae = time.perf_counter() - t0
         except BaseException:

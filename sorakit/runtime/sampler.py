@@ -104,6 +104,7 @@ class SampleReport:
     cosine: list[list[float]] = field(default_factory=list)  # per step, per active sample (nan if n/a)
     timesteps: list[float] = field(default_factory=list)
     cfg_scales: list[float] = field(default_factory=list)  # the CFG scale used at each step
+    cached_steps: int = 0  # model calls answered by the step cache (blocks skipped; runtime only)
 
 
 # velocity_fn(z_in, t, step, active sample indices [k]) -> output with z_in's batch: z_in is

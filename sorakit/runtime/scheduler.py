@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from sorakit.bundle.io import Bundle
 from sorakit.bundle.manifest import GraphEntry
 from sorakit.errors import BudgetError, SorakitError
 from sorakit.memory import PeakRSS, bound_heap, release_memory, rss_bytes
-from sorakit.runtime.session import SessionFactory
+from sorakit.runtime.session import ORT, SessionFactory
 from sorakit.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class _Prefetch:
         self.session = None
         self.error: BaseException | None = None
         self.cancelled = False
-        self.options = scheduler.stream_options()
+        self.options = scheduler.stream_options(graph)
         self.seconds = 0.0
         self.started = time.perf_counter()
         self._scheduler = scheduler
@@ -112,10 +113,7 @@ class _Prefetch:
 
     def cancel(self) -> None:
         self.cancelled = True
-        try:
-            self.options.set_load_cancellation_flag(True)
-        except (AttributeError, RuntimeError):  # older onnxruntime: let it finish, then drop it
-            pass
+        self.options.cancel()
 
     def wait(self) -> float:
         t0 = time.perf_counter()
@@ -130,9 +128,11 @@ class BlockScheduler:
         factory: SessionFactory,
         budget: int | None = None,
         prefetch: bool = True,
+        engine_of: Callable[[GraphEntry], str] | None = None,
     ):
         self.bundle = bundle
         self.factory = factory
+        self.engine_of = engine_of or (lambda g: ORT)
         self.budget = budget
         self.prefetch_enabled = prefetch
         if budget is not None:
@@ -158,16 +158,19 @@ class BlockScheduler:
         """The smallest budget that runs these graphs one at a time."""
         return max(self.costs[g.name].estimate + self.working_estimate(g) for g in graphs)
 
-    def check_budget(self, graphs: list[GraphEntry]) -> None:
+    def check_budget(self, graphs: list[GraphEntry], base: int = 0) -> None:
+        """Refuse a budget below the largest graph plus its working memory (``base``: what the
+        process used before the budget's graphs, added to the figures in the message)."""
         if self.budget is None:
             return
         need = self.minimum_budget(graphs)
         if self.budget < need:
             largest = max(graphs, key=lambda g: self.costs[g.name].estimate)
             raise BudgetError(
-                f"memory budget {human_bytes(self.budget)} is below the largest block ({largest.name}, "
+                f"memory budget {human_bytes(self.budget + base)} leaves {human_bytes(self.budget)} beside what the "
+                f"process uses already, below the largest block ({largest.name}, "
                 f"{human_bytes(self.costs[largest.name].estimate)} plus working memory); the smallest workable budget "
-                f"is about {human_bytes(need)}"
+                f"is about {human_bytes(need + base)}"
             )
 
     def set_usage(self, usage: dict[str, int], order: list[GraphEntry], active: list[GraphEntry] | None = None) -> None:
@@ -231,18 +234,18 @@ class BlockScheduler:
         self.stats.thread_policy = "all cores (runs outlast loads)"
         return None
 
-    def stream_options(self):
+    def stream_options(self, g: GraphEntry):
         """Options of a streamed graph's session: the streaming thread count, no weight prepacking.
 
         Measured on a real-size STDiT3 block pair (2 cores, 170 MB): prepacking costs 0.27-0.33 s
         at load and saves 0.15-0.2 s per run, so it pays only for sessions that run many times
         (resident ones).
         """
-        return self.factory.options(threads=self.stream_threads(), prepack=False)
+        return self.factory.options(threads=self.stream_threads(), prepack=False, engine=self.engine_of(g))
 
     def _create(self, g: GraphEntry, options=None):
         self.bundle.verify_graph_files(g)
-        return self.factory.create(self.bundle.path(g.file), options)
+        return self.factory.create(self.bundle.path(g.file), options or self.factory.options(engine=self.engine_of(g)))
 
     def _acquire(self, g: GraphEntry):
         if g.name in self.sessions:
@@ -260,7 +263,7 @@ class BlockScheduler:
             return p.session
         t0 = time.perf_counter()
         streamed = g.name not in self.resident and self.costs[g.name].load_s is not None
-        sess = self._create(g, self.stream_options() if streamed else None)
+        sess = self._create(g, self.stream_options(g) if streamed else None)
         dt = time.perf_counter() - t0
         if self.costs[g.name].load_s is None:
             self.costs[g.name].load_s = dt
