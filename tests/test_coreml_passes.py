@@ -326,7 +326,7 @@ def test_audit_against_ort_checker(tiny_bundle, tiny_coreml):
     assert block.only_sorakit_rejects == {} and block.only_ort_rejects == 0
     vae = compare_with_ort_checker(b.path(b.manifest.graph("vae.temporal.stem").file), "iphone-15-pro")
     assert vae.only_sorakit_rejects.get("conv3d", 0) >= 1 and "ai.onnx:Pad" in vae.ort_unsupported_ops
-    assert vae.sorakit_partitions > vae.ort_partitions and vae.only_ort_rejects == 0
+    assert vae.sorakit_on_ep < vae.ort_on_ep and vae.only_ort_rejects == 0
     o = Bundle.open(tiny_coreml[0])
     after = compare_with_ort_checker(o.path(o.manifest.graph("vae.temporal.stem").file), "iphone-15-pro")
     assert after.ort_on_ep == after.sorakit_on_ep == after.ort_nodes and after.ort_partitions == 1
@@ -389,18 +389,27 @@ def test_apple_package_embeds_weights_names_placement_and_limits(tiny_coreml, tm
     assert not (tmp_path / "pkg2").exists()
 
 
-def test_cpu_package_placement_matches_the_audit(tiny_bundle, tmp_path):
+def test_placement_on_this_machine_matches_the_audit(tiny_bundle, tmp_path):
+    """What ORT really assigns (record_ep_graph_assignment_info) next to the audit: on Linux for the CPU device;
+    the same check runs on a Mac for Core ML."""
     from sorakit.devices.package import package_bundle
     from sorakit.devices.placement import check_placement
 
-    out = tmp_path / "cpu-pkg"
-    package_bundle(tiny_bundle[0], "cpu", out, verify=False)
-    rows = check_placement(out, only=["transformer", "vae.temporal"])
-    assert rows and all(r.matches for r in rows), [r.to_dict() for r in rows]
-    assert all(set(r.nodes) == {"CPUExecutionProvider"} for r in rows)
-    cli = run_cli("placement", out, "--graph", "transformer.block.00", "--json", "--strict")
+    rows = check_placement(tiny_bundle[0], "cpu", only=["transformer.block.00", "vae.temporal.stem"])
+    assert [r.graph for r in rows] == ["transformer.block.00", "vae.temporal.stem"]
+    assert all(r.matches for r in rows) and all(set(r.nodes) == {"CPUExecutionProvider"} for r in rows)
+    assert all(r.nodes["CPUExecutionProvider"] == r.predicted["nodes"]["CPUExecutionProvider"] for r in rows)
+    cli = run_cli("placement", tiny_bundle[0], "--device", "cpu", "--graph", "transformer.block.00", "--json",
+                  "--strict")
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)[0]["matches"] is True
+    # a package: the .ort files as the app loads them (ORT records nothing for ORT-format files on the CPU EP)
+    out = tmp_path / "cpu-pkg"
+    package_bundle(tiny_bundle[0], "cpu", out, verify=False)
+    rows = check_placement(out, only=["transformer.block.00"])
+    assert rows[0].predicted["runs_on"] == "CPUExecutionProvider" and rows[0].matches in (True, None)
+    core = run_cli("placement", tiny_bundle[0], "--device", "iphone-15-pro", "--graph", "vae")
+    assert core.returncode == 1 and "no CoreMLExecutionProvider" in core.stderr
 
 
 # ---------------------------------------------------------------------------------------------

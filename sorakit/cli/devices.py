@@ -309,20 +309,22 @@ def export_coreml(
 
 
 def placement(
-    package_dir: Annotated[Path, typer.Argument(metavar="PACKAGE", help="A package made by `sorakit package`")],
+    package_dir: Annotated[Path, typer.Argument(metavar="PACKAGE_OR_BUNDLE", help="A package (sorakit package) or a "
+                                                                                "bundle (with --device)")],
+    device: Annotated[str | None, typer.Option("--device", help="For a bundle: the device profile")] = None,
     graphs: Annotated[list[str] | None, typer.Option("--graph", help="Only graphs whose name starts with this; "
                                                                        "repeatable")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any graph is placed differently from the "
                                                           "audit's prediction")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Where ONNX Runtime really puts each node of a package's graphs on this machine, next to the audit's
-    prediction (session.record_ep_graph_assignment_info). For Core ML packages: run it on a Mac."""
+    """Where ONNX Runtime really puts each node of a package's (or bundle's) graphs on this machine, next to the
+    audit's prediction (session.record_ep_graph_assignment_info). For Core ML: run it on a Mac."""
     from sorakit.devices.placement import check_placement
 
     with progress_bar(transient=True) as bar:
         bar.add_task("creating sessions", total=None)
-        rows = check_placement(package_dir, graphs)
+        rows = check_placement(package_dir, device, graphs)
     if as_json:
         print_json([r.to_dict() for r in rows])
     else:
@@ -331,7 +333,7 @@ def placement(
             table.add_column(col, no_wrap=col == "graph")
         for r in rows:
             pred = r.predicted
-            mark = {True: "[green]as predicted[/]", False: "[red]differs[/]", None: "-"}[r.matches]
+            mark = {True: "[green]as predicted[/]", False: "[red]differs[/]", None: r.note or "-"}[r.matches]
             table.add_row(r.graph, ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in r.nodes.items()),
                           ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in r.subgraphs.items()),
                           "-" if not pred else f"{pred['runs_on'].replace('ExecutionProvider', '')}, "

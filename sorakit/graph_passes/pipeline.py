@@ -76,8 +76,8 @@ def optimize_bundle(
     try:
         for p in objs:
             candidates = p.candidates() if p.lossy else [p]
-            if p.lossy and gates.get(p.name) is None:
-                candidates = candidates[-1:]  # ungated: the most cautious setting
+            if p.lossy and (gates.get(p.name) is None or not gateable(manifest)):
+                candidates = candidates[-1:]  # no gate to choose with: the most cautious setting
             attempts: list[dict[str, Any]] = []
             for k, q in enumerate(candidates):
                 last = k == len(candidates) - 1
@@ -91,7 +91,7 @@ def optimize_bundle(
                         precision = q.name if q.settings().get("variant") else None  # run the variants it added
                         record.gate = run_gate(q.name, ws, before, manifest, gates[q.name], force, gate_steps,
                                                precision, raise_on_fail=last)
-                        if not record.gate["passed"] and not last:
+                        if not record.gate.get("passed", True) and not last:
                             # a stricter setting of the same pass is tried next: undo this attempt
                             attempts.append({"settings": q.settings(), **{k2: record.gate[k2] for k2 in
                                                                         ("value", "min", "psnr_db", "passed")}})
@@ -227,13 +227,21 @@ def verify_exact(ws: Workspace, old: GraphEntry, new: GraphEntry, manifest: Mani
     return err
 
 
+GATE_COMPONENTS = ("text_encoder", "transformer", "vae")
+
+
+def gateable(manifest: Manifest) -> bool:
+    """Whether the end-to-end gate can run on this bundle (it generates videos: every component)."""
+    return all(c in manifest.components for c in GATE_COMPONENTS)
+
+
 def run_gate(name: str, ws: Workspace, before: Manifest, after: Manifest, threshold: float, force: bool,
              steps: int | None, precision: str | None = None, raise_on_fail: bool = True) -> dict[str, Any]:
     """End-to-end SSIM of videos from fixed prompts/seeds, before vs after the pass."""
     from sorakit.metrics import psnr, video_ssim
     from sorakit.runtime.pipeline import Pipeline
 
-    missing = [c for c in ("text_encoder", "transformer", "vae") if c not in after.components]
+    missing = [c for c in GATE_COMPONENTS if c not in after.components]
     if missing:
         return {"skipped": f"the bundle lacks {missing}; no end-to-end gate", "threshold": threshold}
     steps = steps or int(after.sampler.get("num_steps", 30))
