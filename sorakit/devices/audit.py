@@ -563,7 +563,8 @@ def _hints(audit: GraphAudit, v: _Values, nodes: dict[str, onnx.NodeProto], ctx:
             f"the token embedding lookup (a Gather on the {size}table) cannot run on the EP"
             + (f": the table is over Core ML's {MAX_DIM}-row limit, and Gather is not in the op list" if big_tables
                else ": Gather is not in the op list")
-            + ". Re-export with `sorakit export ... --t5-embedding-outside`: the table is written to "
+            + ". Apply the t5_embed_outside pass (`sorakit optimize BUNDLE --passes t5_embed_outside`, part of the "
+              "Apple profiles) or re-export with `sorakit export ... --t5-embedding-outside`: the table is written to "
               "text_encoder/embedding.npy, the app looks the rows up itself, and this graph takes inputs_embeds"
         )
     elif gathers:
@@ -573,28 +574,29 @@ def _hints(audit: GraphAudit, v: _Values, nodes: dict[str, onnx.NodeProto], ctx:
         hints.append("Expand is not in the ML Program op list: broadcast with Mul/Add against a ones tensor, or use "
                      "Tile (which is), in the exporter or a graph pass")
     if "Pad" in ops:
-        hints.append("Pad is not in the ML Program op list: fold zero padding into the following Conv's pads "
-                     "(ONNX Conv takes separate begin/end pads, so the VAE's causal time padding fits), or build it "
-                     "from Concat with a zeros constant")
+        hints.append("Pad is not in the ML Program op list: the fold_pad pass (`sorakit optimize BUNDLE --passes "
+                     "fold_pad`, part of the Apple profiles) folds zero padding into the following Conv's pads (ONNX "
+                     "Conv takes separate begin/end pads, so the VAE's causal time padding fits) and builds any other "
+                     "Pad from Concat with constant blocks")
     if "conv3d" in by_code:
         hints.append(
-            "3-D convolutions (the temporal VAE's CausalConv3d) do not run on ORT's CoreML EP. Options: "
-            "(a) decompose each Conv3d with kT time taps into kT Conv2d over shifted time slices, summed "
-            "(a conv3d->conv2d graph pass; not in sorakit yet); (b) run these graphs on the CPU EP "
-            "(they are small next to the transformer); (c) use the Core ML path (`sorakit export-coreml`), whose "
-            "conv takes 3-D kernels directly"
+            "3-D convolutions (the temporal VAE's CausalConv3d) do not run on ORT's CoreML EP: apply the "
+            "conv3d->conv2d pass (`sorakit optimize BUNDLE --passes conv3d_to_2d`, part of the Apple profiles), which "
+            "writes each kT-tap Conv3d as one Conv2d over its kT shifted time slices; or use the Core ML path "
+            "(`sorakit export-coreml`), whose conv takes 3-D kernels directly"
         )
     if "dynamic" in by_code or "no_shape" in by_code:
         hints.append("pin the shapes for this device: " + PIN_COMMAND.format(**ctx))
     if "rank" in by_code:
         hints.append(f"reshape rank-{MAX_RANK + 1}+ tensors to rank <= {MAX_RANK} (merge two axes) in the exporter")
     if "dim" in by_code and audit.role != "embed":
-        hints.append(f"a dimension over {MAX_DIM}: lower the resolution/frame count, or split the tensor along it "
-                     "(e.g. batched cross-attention instead of one flattened sequence)")
+        hints.append(f"a dimension over {MAX_DIM}: the split_dims pass (`sorakit optimize BUNDLE --passes split_dims`, "
+                     "part of the Apple profiles) reshapes GroupNorm's flattened groups into two dimensions under the "
+                     "limit; for other ops lower the resolution/frame count or split the tensor along it")
     pow_fp16 = [f for f in by_code.get("dtype", []) if f.op == "Pow"]
     if pow_fp16:
-        hints.append("Pow runs only in fp32 on the EP: the fp16 pass should keep Pow (RMSNorm's x^2) in fp32, or "
-                     "rewrite Pow(x, 2) as Mul(x, x)")
+        hints.append("Pow runs only in fp32 on the EP: rewrite Pow(x, 2) as Mul(x, x) (the fp16 pass does this unless "
+                     "Pow is one of its fp32 islands)")
     if any(f.op != "Pow" for f in by_code.get("dtype", [])):
         hints.append("integer/bool arithmetic runs on the CPU: fold shape computations into constants (a static "
                      "export does) or move them out of the graph")
