@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -48,10 +49,17 @@ def audit(
     nodes: Annotated[bool, typer.Option("--nodes", help="List every fallback node with its reasons")] = False,
     optimize: Annotated[bool, typer.Option(help="Apply ORT's basic optimizations first (what runs before "
                                                  "partitioning)")] = True,
+    compare_ort: Annotated[bool, typer.Option("--compare-ort", help="Also run ORT's own checker "
+                                              "(check_onnx_model_mobile_usability, Core ML ML Program) on every "
+                                              "graph and show where the estimates differ")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Which nodes of each graph the device's execution provider would take, which fall back to the CPU and why."""
     from sorakit.devices.audit import REASONS, audit_bundle
+
+    if compare_ort:
+        _compare_ort(bundle, device, graphs, as_json)
+        return
 
     with progress_bar(transient=True) as bar:
         task = bar.add_task("audit", total=None)
@@ -70,24 +78,71 @@ def audit(
                            hint="see the table above (--nodes lists every fallback node with its reasons)")
 
 
+def _compare_ort(bundle, device, graphs, as_json: bool) -> None:
+    from sorakit.bundle.io import Bundle
+    from sorakit.devices.audit import compare_with_ort_checker
+
+    b = Bundle.open(bundle, verify="lazy")
+    entries = [g for g in b.manifest.all_graphs() if not graphs or any(g.name.startswith(p) for p in graphs)]
+    if not entries:
+        raise SorakitError(f"no graph of {bundle} matches {graphs}")
+    rows = []
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("ORT checker", total=len(entries))
+        for g in entries:
+            rows.append(compare_with_ort_checker(b.path(g.file), device, name=g.name))
+            bar.advance(task)
+    if as_json:
+        print_json([r.to_dict() for r in rows])
+        return
+    table = Table(title=f"{bundle} on {device}: ORT's checker vs sorakit's audit (nodes on the Core ML EP, partitions)")
+    for col in ("graph", "nodes", "ORT checker", "sorakit", "only sorakit rejects"):
+        table.add_column(col, justify="right" if col == "nodes" else "left", no_wrap=col == "graph")
+    for r in rows:
+        why = ", ".join(f"{k}x{v}" for k, v in sorted(r.only_sorakit_rejects.items())) or "-"
+        table.add_row(r.graph, str(r.ort_nodes), f"{r.ort_on_ep} on EP, {r.ort_partitions} partition(s)",
+                      f"{r.sorakit_on_ep} on EP, {r.sorakit_partitions} partition(s)", why)
+    console.print(table)
+    console.print("ORT's checker decides by op type, fixed input sizes and rank <= 5; sorakit adds what ORT's Core ML "
+                  "EP checks when it builds the model (dim: a dimension over 16384, conv3d, dtype, constant "
+                  "parameters). See docs/devices.md.", highlight=False)
+
+
 def _print_audit(report, nodes: bool, reasons: dict[str, str]) -> None:
     fmt = f" ({report.model_format})" if report.model_format else ""
     title = f"{report.bundle} on {report.device}: {report.provider}{fmt}"
     table = Table(title=title)
-    for col in ("graph", "nodes", "on EP", "on CPU", "partitions", "fallback ops", "reasons", ""):
+    ane = any(g.neural_engine is not None for g in report.graphs)
+    cols = ["graph", "nodes", "on EP", "on CPU", "partitions", "fallback ops", "reasons", ""] + (["ANE"] if ane else [])
+    for col in cols:
         table.add_column(col, justify="right" if col in ("nodes", "on EP", "on CPU", "partitions") else "left",
-                         no_wrap=col in ("graph", ""))
+                         no_wrap=col in ("graph", "", "ANE"))
     for g in report.graphs:
         ops = ", ".join(f"{k}×{v}" for k, v in sorted(g.fallback_ops().items()))
         why = ", ".join(f"{k}×{v}" for k, v in sorted(g.reason_counts().items()))
         mark = styled("clean", "green") if g.clean else styled("fallback", "red")
-        table.add_row(g.graph, str(g.nodes), str(g.nodes_on_ep), str(g.nodes - g.nodes_on_ep), str(g.partitions),
-                      ops or "-", why or "-", mark)
+        row = [g.graph, str(g.nodes), str(g.nodes_on_ep), str(g.nodes - g.nodes_on_ep), str(g.partitions),
+               ops or "-", why or "-", mark]
+        if ane:
+            row.append("-" if g.neural_engine is None else (styled("yes", "green") if g.neural_engine.eligible else "no"))
+        table.add_row(*row)
     console.print(table)
     clean = sum(g.clean for g in report.graphs)
     console.print(f"{clean}/{len(report.graphs)} graphs clean (one partition, every node on {report.provider}); "
                   f"{report.fallback_nodes} node(s) fall back to the CPU"
                   + (f"; op list: {report.op_list}" if report.op_list else ""), highlight=False)
+    if ane:
+        eligible = sum(bool(g.neural_engine and g.neural_engine.eligible) for g in report.graphs)
+        console.print(f"{eligible}/{len(report.graphs)} graphs Neural-Engine-eligible (fp16 throughout, static "
+                      "shapes, every node on Core ML)", highlight=False)
+        why_not: dict[str, list[str]] = {}
+        for g in report.graphs:
+            for w in (g.neural_engine.why_not if g.neural_engine else []):
+                key = re.sub(r" \(\d+ nodes?\)| \(\d+ node\(s\)[^)]*\)|: \d+ node\(s\) compute in fp32 \([^)]*\)", "", w)
+                why_not.setdefault(key, []).append(g.graph)
+        for w, names in why_not.items():
+            where = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
+            console.print(f"  not on the Neural Engine [{where}]: {w}", highlight=False)
     used = sorted({r.code for g in report.graphs for f in g.fallbacks for r in f.reasons})
     if used:
         console.print(styled("reasons", "bold"))
@@ -197,6 +252,15 @@ def export_coreml(
                                                                    "bundle's setting)")] = None,
     graphs: Annotated[list[str] | None, typer.Option("--graph", help="Only graphs whose name starts with this; "
                                                                        "repeatable")] = None,
+    tdtm: Annotated[bool, typer.Option(help="Also convert each transformer block's TDTM variant")] = True,
+    gate: Annotated[float | None, typer.Option(help="fp16: minimum mean SSIM of the quality gate (default: the fp16 "
+                                                    "pass's); 0 skips it")] = None,
+    gate_steps: Annotated[int | None, typer.Option(help="Denoising steps of the gate's videos")] = None,
+    force: Annotated[bool, typer.Option(help="Convert in fp16 even when the gate fails")] = False,
+    tdtm_positions: Annotated[str, typer.Option(help="TDTM: RoPE positions of merged frames, midpoint or "
+                                                     "compressed")] = "midpoint",
+    tdtm_scope: Annotated[str, typer.Option(help="TDTM: merge around the attentions (attention) or the MLPs too "
+                                                 "(block)")] = "attention",
     as_json: JsonOpt = False,
 ) -> None:
     """Core ML path: one ML Program .mlpackage per block, converted from the torch pieces (needs coremltools)."""
@@ -224,6 +288,8 @@ def export_coreml(
         if components else None, granularity=granularity, precision=precision, target=target, seed=seed,
         random_weights=random_weights, checkpoints={k: v for k, v in given.items() if v is not None},
         t5_lookup_outside=t5_embedding_outside, only=tuple(graphs) if graphs else None,
+        tdtm=tdtm, tdtm_positions=tdtm_positions, tdtm_scope=tdtm_scope, gate=gate, gate_steps=gate_steps,
+        force=force,
     )
     with progress_bar() as bar:
         tasks: dict[str, int] = {}
@@ -243,11 +309,54 @@ def export_coreml(
     for p in report.pieces:
         table.add_row(p.name, p.file, p.method, p.spec_check, f"{p.seconds:.1f}")
     console.print(table)
+    g = report.gate
+    if g and "skipped" in g:
+        console.print(f"fp16 quality gate skipped: {g['skipped']}", highlight=False)
+    elif g:
+        console.print(f"fp16 quality gate ({g['compared']}): mean SSIM {g['value']:.4f} (min {g['min']:.4f}), PSNR "
+                      f"{g['psnr_db']:.1f} dB, threshold {g['threshold']} -> "
+                      f"{'passed' if g['passed'] else 'FAILED (forced)'}", highlight=False)
     console.print(report.numeric_note, highlight=False)
+
+
+def placement(
+    package_dir: Annotated[Path, typer.Argument(metavar="PACKAGE_OR_BUNDLE", help="A package (sorakit package) or a "
+                                                                                "bundle (with --device)")],
+    device: Annotated[str | None, typer.Option("--device", help="For a bundle: the device profile")] = None,
+    graphs: Annotated[list[str] | None, typer.Option("--graph", help="Only graphs whose name starts with this; "
+                                                                       "repeatable")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any graph is placed differently from the "
+                                                          "audit's prediction")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Where ONNX Runtime really puts each node of a package's (or bundle's) graphs on this machine, next to the
+    audit's prediction (session.record_ep_graph_assignment_info). For Core ML: run it on a Mac."""
+    from sorakit.devices.placement import check_placement
+
+    with progress_bar(transient=True) as bar:
+        bar.add_task("creating sessions", total=None)
+        rows = check_placement(package_dir, device, graphs)
+    if as_json:
+        print_json([r.to_dict() for r in rows])
+    else:
+        table = Table(title=f"{package_dir}: where ONNX Runtime placed each graph (vs the audit)")
+        for col in ("graph", "nodes per provider", "subgraphs", "predicted", ""):
+            table.add_column(col, no_wrap=col == "graph")
+        for r in rows:
+            pred = r.predicted
+            mark = {True: styled("as predicted", "green"), False: styled("differs", "red"), None: r.note or "-"}[r.matches]
+            table.add_row(r.graph, ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in r.nodes.items()),
+                          ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in r.subgraphs.items()),
+                          "-" if not pred else f"{pred['runs_on'].replace('ExecutionProvider', '')}, "
+                                               f"{pred['partitions']} partition(s)", mark)
+        console.print(table)
+    if strict and any(r.matches is False for r in rows):
+        raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:
     app.command("devices")(devices)
     app.command("audit")(audit)
     app.command("package")(package)
+    app.command("placement")(placement)
     app.command("export-coreml")(export_coreml)

@@ -17,13 +17,16 @@ from sorakit.units import human_bytes
 def optimize(
     bundle: BundleArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to write (the input is not modified)")],
-    passes: Annotated[str | None, typer.Option(help="Comma-separated: pin, tdtm, prune, simplify, fp16, int8")] = None,
+    passes: Annotated[str | None, typer.Option(help="Comma-separated: pin, tdtm, prune, fold_pad, conv3d_to_2d, "
+                                                    "split_dims, t5_embed_outside, simplify, fp16, int8")] = None,
     device: Annotated[str | None, typer.Option(help="Apply a device profile's passes (e.g. iphone-15-pro)")] = None,
     resolution: Annotated[str | None, typer.Option(help="pin: HEIGHTxWIDTH")] = None,
     frames: Annotated[int | None, typer.Option(help="pin: frame count")] = None,
     tdtm_positions: Annotated[str, typer.Option(help="tdtm: RoPE positions of merged frames, midpoint or compressed")] = "midpoint",
     tdtm_scope: Annotated[str, typer.Option(help="tdtm: merge around the attentions only (attention, the paper) "
                                                  "or around the MLPs too (block, faster)")] = "attention",
+    fp16_islands: Annotated[str, typer.Option(help="fp16: ops kept in fp32; auto (try none, norms, safe and keep the "
+                                                  "first that passes the gate), none, norms, safe or OP,OP,...")] = "auto",
     gate: Annotated[list[str] | None, typer.Option(help="Quality gate override, NAME=MIN_SSIM (e.g. int8=0.9)")] = None,
     gate_steps: Annotated[int | None, typer.Option(help="Denoising steps of the gate's videos (default: the bundle's)")] = None,
     force: Annotated[bool, typer.Option(help="Apply a lossy pass even when it fails its quality gate")] = False,
@@ -60,7 +63,16 @@ def optimize(
                           highlight=False)
         return
     names = plan.apply
-    settings = {**plan.settings, "tdtm": {"positions": tdtm_positions, "scope": tdtm_scope, **plan.settings.get("tdtm", {})}}
+    gates = {}
+    for g in gate or []:
+        key, _, val = g.partition("=")
+        try:
+            gates[key.strip()] = float(val)
+        except ValueError:
+            raise SorakitError(f"--gate expects NAME=MIN_SSIM, got {g!r}") from None
+    settings = {**plan.settings,
+                "tdtm": {"positions": tdtm_positions, "scope": tdtm_scope, **plan.settings.get("tdtm", {})},
+                "fp16": {"islands": fp16_islands, **plan.settings.get("fp16", {})}}
     if resolution or frames:
         settings["pin"] = {"resolution": parse_resolution(resolution) if resolution else None, "frames": frames}
     with progress_bar() as bar:
@@ -84,12 +96,18 @@ def optimize(
             table.add_row(c.graph, f"{c.nodes_before} -> {c.nodes_after}",
                           f"{human_bytes(c.bytes_before)} -> {human_bytes(c.bytes_after)}", check, c.note)
         console.print(table)
+        for c in r.changes:
+            if c.note.startswith("left unchanged"):
+                err_console.print(f"[yellow]{r.name}: {c.graph} {c.note}[/]", highlight=False)
         if r.gate:
             gt = r.gate
             if "skipped" in gt:
                 console.print(f"  quality gate skipped: {gt['skipped']}")
             else:
                 verdict = "passed" if gt["passed"] else "FAILED (forced)"
+                for at in gt.get("attempts", []):
+                    console.print(f"  quality gate with {at['settings']}: mean SSIM {at['value']:.4f} < "
+                                  f"{gt['threshold']} -> tried the next setting", highlight=False)
                 console.print(f"  quality gate ({gt['compared']}): mean SSIM {gt['value']:.4f} (min {gt['min']:.4f}), "
                               f"PSNR {gt['psnr_db']:.1f} dB, threshold {gt['threshold']} -> {verdict}")
     console.print(f"wrote {out}")

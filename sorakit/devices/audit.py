@@ -92,6 +92,22 @@ class NodeFinding:
 
 
 @dataclass
+class NeuralEngine:
+    """Whether Core ML may place a graph on the Neural Engine: the ANE computes only in fp16, needs static
+    shapes, and is reachable only for what the EP hands to Core ML (a clean graph). A necessary
+    condition, not a guarantee: Core ML decides per op at load time, which only a device can tell."""
+
+    eligible: bool
+    why_not: list[str] = field(default_factory=list)
+    fp32_nodes: dict[str, int] = field(default_factory=dict)  # op -> count of nodes computing in fp32
+    fp16_nodes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"eligible": self.eligible, "why_not": self.why_not, "fp32_nodes": self.fp32_nodes,
+                "fp16_nodes": self.fp16_nodes}
+
+
+@dataclass
 class GraphAudit:
     graph: str
     role: str
@@ -107,6 +123,8 @@ class GraphAudit:
     notes: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)  # ops with caveats the audit cannot check
     external_data: bool = False
+    neural_engine: NeuralEngine | None = None  # Core ML profiles only
+
 
     @property
     def clean(self) -> bool:
@@ -141,6 +159,7 @@ class GraphAudit:
             "notes": self.notes,
             "unchecked": self.unchecked,
             "external_data": self.external_data,
+            "neural_engine": self.neural_engine.to_dict() if self.neural_engine else None,
         }
 
 
@@ -174,6 +193,7 @@ class AuditReport:
             "bundle": self.bundle,
             "clean": self.clean,
             "graphs_clean": sum(g.clean for g in self.graphs),
+            "graphs_neural_engine": sum(bool(g.neural_engine and g.neural_engine.eligible) for g in self.graphs),
             "graphs": [g.to_dict() for g in self.graphs],
             "fallback_nodes": self.fallback_nodes,
             "reasons": REASONS,
@@ -251,6 +271,40 @@ def prepare_model(model: str | Path | onnx.ModelProto, optimize: bool = True) ->
 
 
 INSERTED_CAST = "InsertedPrecisionFreeCast_"
+
+
+def declared_graph(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    """The graph as written (no ORT optimization), with ONNX shape inference: the types the file declares."""
+    m = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    try:
+        return onnx.shape_inference.infer_shapes(m)
+    except Exception:  # noqa: BLE001 - keep what the file says
+        return m
+
+
+def restore_declared_types(g: onnx.GraphProto, values: _Values, raw: onnx.ModelProto) -> None:
+    """Give the values of an ORT-prepared fp16 graph the types the file declares.
+
+    The audit prepares graphs with the CPU EP, which computes fp16 nodes it has no fp16 kernel for
+    in fp32 between inserted casts and then removes back-to-back casts; the device's Core ML EP
+    takes those nodes before any cast is inserted, in fp16. Values ORT renamed
+    (``InsertedPrecisionFreeCast_x``) get x's declared type; values ORT made up (fusions) take the
+    type of their node's float inputs.
+    """
+    declared = _Values(raw.graph).dtype
+    for name in list(values.dtype):
+        base = name[len(INSERTED_CAST):] if name.startswith(INSERTED_CAST) else name
+        if base in declared:
+            values.dtype[name] = declared[base]
+    for n in g.node:
+        if n.op_type == "Cast":
+            continue
+        kinds = {values.dtype.get(i) for i in n.input if i} & FLOATS
+        if kinds == {TensorProto.FLOAT16}:
+            for o in n.output:
+                base = o[len(INSERTED_CAST):] if o.startswith(INSERTED_CAST) else o
+                if base not in declared and values.dtype.get(o) == TensorProto.FLOAT:
+                    values.dtype[o] = TensorProto.FLOAT16
 
 
 def undo_inserted_casts(model: onnx.ModelProto) -> int:
@@ -509,7 +563,8 @@ def _hints(audit: GraphAudit, v: _Values, nodes: dict[str, onnx.NodeProto], ctx:
             f"the token embedding lookup (a Gather on the {size}table) cannot run on the EP"
             + (f": the table is over Core ML's {MAX_DIM}-row limit, and Gather is not in the op list" if big_tables
                else ": Gather is not in the op list")
-            + ". Re-export with `sorakit export ... --t5-embedding-outside`: the table is written to "
+            + ". Apply the t5_embed_outside pass (`sorakit optimize BUNDLE --passes t5_embed_outside`, part of the "
+              "Apple profiles) or re-export with `sorakit export ... --t5-embedding-outside`: the table is written to "
               "text_encoder/embedding.npy, the app looks the rows up itself, and this graph takes inputs_embeds"
         )
     elif gathers:
@@ -519,28 +574,29 @@ def _hints(audit: GraphAudit, v: _Values, nodes: dict[str, onnx.NodeProto], ctx:
         hints.append("Expand is not in the ML Program op list: broadcast with Mul/Add against a ones tensor, or use "
                      "Tile (which is), in the exporter or a graph pass")
     if "Pad" in ops:
-        hints.append("Pad is not in the ML Program op list: fold zero padding into the following Conv's pads "
-                     "(ONNX Conv takes separate begin/end pads, so the VAE's causal time padding fits), or build it "
-                     "from Concat with a zeros constant")
+        hints.append("Pad is not in the ML Program op list: the fold_pad pass (`sorakit optimize BUNDLE --passes "
+                     "fold_pad`, part of the Apple profiles) folds zero padding into the following Conv's pads (ONNX "
+                     "Conv takes separate begin/end pads, so the VAE's causal time padding fits) and builds any other "
+                     "Pad from Concat with constant blocks")
     if "conv3d" in by_code:
         hints.append(
-            "3-D convolutions (the temporal VAE's CausalConv3d) do not run on ORT's CoreML EP. Options: "
-            "(a) decompose each Conv3d with kT time taps into kT Conv2d over shifted time slices, summed "
-            "(a conv3d->conv2d graph pass; not in sorakit yet); (b) run these graphs on the CPU EP "
-            "(they are small next to the transformer); (c) use the Core ML path (`sorakit export-coreml`), whose "
-            "conv takes 3-D kernels directly"
+            "3-D convolutions (the temporal VAE's CausalConv3d) do not run on ORT's CoreML EP: apply the "
+            "conv3d->conv2d pass (`sorakit optimize BUNDLE --passes conv3d_to_2d`, part of the Apple profiles), which "
+            "writes each kT-tap Conv3d as one Conv2d over its kT shifted time slices; or use the Core ML path "
+            "(`sorakit export-coreml`), whose conv takes 3-D kernels directly"
         )
     if "dynamic" in by_code or "no_shape" in by_code:
         hints.append("pin the shapes for this device: " + PIN_COMMAND.format(**ctx))
     if "rank" in by_code:
         hints.append(f"reshape rank-{MAX_RANK + 1}+ tensors to rank <= {MAX_RANK} (merge two axes) in the exporter")
     if "dim" in by_code and audit.role != "embed":
-        hints.append(f"a dimension over {MAX_DIM}: lower the resolution/frame count, or split the tensor along it "
-                     "(e.g. batched cross-attention instead of one flattened sequence)")
+        hints.append(f"a dimension over {MAX_DIM}: the split_dims pass (`sorakit optimize BUNDLE --passes split_dims`, "
+                     "part of the Apple profiles) reshapes GroupNorm's flattened groups into two dimensions under the "
+                     "limit; for other ops lower the resolution/frame count or split the tensor along it")
     pow_fp16 = [f for f in by_code.get("dtype", []) if f.op == "Pow"]
     if pow_fp16:
-        hints.append("Pow runs only in fp32 on the EP: the fp16 pass should keep Pow (RMSNorm's x^2) in fp32, or "
-                     "rewrite Pow(x, 2) as Mul(x, x)")
+        hints.append("Pow runs only in fp32 on the EP: rewrite Pow(x, 2) as Mul(x, x) (the fp16 pass does this unless "
+                     "Pow is one of its fp32 islands)")
     if any(f.op != "Pow" for f in by_code.get("dtype", [])):
         hints.append("integer/bool arithmetic runs on the CPU: fold shape computations into constants (a static "
                      "export does) or move them out of the graph")
@@ -576,6 +632,9 @@ def audit_model(
     ops = read_op_list(op_list_path(ep.name, fmt))
     rules = _Rules(ep.name, fmt, profile.requires_static_input_shapes, ops)
     values = _Values(g)
+    raw = declared_graph(model)
+    if optimize:
+        restore_declared_types(g, values, raw)
     verdict: dict[int, bool] = {}
     fallbacks: list[NodeFinding] = []
     nodes: dict[str, onnx.NodeProto] = {}
@@ -614,7 +673,60 @@ def audit_model(
     ctx = {"bundle": "BUNDLE", "resolution": "HxW", "frames": "N"}
     ctx.update(context or {})
     audit.hints = _hints(audit, values, nodes, ctx)
+    if ep.name == "CoreMLExecutionProvider":
+        audit.neural_engine = neural_engine(raw.graph, _Values(raw.graph), audit, profile)
     return audit
+
+
+NEURAL_ENGINE_UNITS = {"ALL", "CPUAndNeuralEngine"}
+# float inputs that are parameters, float32 by the ONNX spec whatever the data's type
+FLOAT_PARAMS = {"Resize": (1, 2), "Upsample": (1,)}
+
+
+def neural_engine(g: onnx.GraphProto, v: _Values, audit: GraphAudit, profile: DeviceProfile) -> NeuralEngine:
+    """Neural-Engine eligibility of a (prepared) graph: fp16 throughout, static shapes, every node on Core ML.
+
+    Casts at the graph's boundary (fp32 inputs and outputs of an fp16 graph) do not count; any other
+    node that computes in fp32 does (an fp32 island, or an fp32 graph).
+    """
+    why: list[str] = []
+    units = (profile.provider("CoreMLExecutionProvider").options.get("MLComputeUnits", "ALL")
+             if profile.provider("CoreMLExecutionProvider") else "ALL")
+    if units not in NEURAL_ENGINE_UNITS:
+        why.append(f"the profile's MLComputeUnits={units} excludes the Neural Engine")
+    if not audit.clean:
+        why.append(f"{audit.nodes - audit.nodes_on_ep} node(s) off the Core ML EP, {audit.partitions} partition(s): "
+                   "only what the EP hands to Core ML can reach the Neural Engine")
+    dynamic = [i.name for i in g.input if not all(isinstance(d, int) and d > 0 for d in (v.shape.get(i.name) or [None]))]
+    if dynamic:
+        why.append(f"dynamic input shapes ({', '.join(dynamic[:3])}): the Neural Engine needs static shapes")
+    inputs, outputs = {i.name for i in g.input}, {o.name for o in g.output}
+    fp32: Counter[str] = Counter()
+    fp16 = 0
+    for n in g.node:
+        if n.op_type == "Constant":
+            continue  # a value, not a computation
+        if n.op_type == "Cast" and (n.input[0] in inputs or n.output[0] in outputs):
+            continue  # fp32 interface of an fp16 graph
+        params = FLOAT_PARAMS.get(n.op_type, ())
+        data = [x for i, x in enumerate(n.input) if x and i not in params]
+        types = {v.dtype.get(x) for x in data + list(n.output) if x}
+        if n.op_type == "Cast":
+            if TensorProto.FLOAT in types and TensorProto.FLOAT16 in types:
+                continue  # the edge of an island; the island's own nodes are counted
+        if TensorProto.FLOAT in types:
+            fp32[n.op_type] += 1
+        elif TensorProto.FLOAT16 in types:
+            fp16 += 1
+    if fp32:
+        ops = ", ".join(f"{op}x{c}" for op, c in fp32.most_common(6))
+        if not fp16:
+            why.append(f"the graph computes in fp32 ({sum(fp32.values())} nodes): the Neural Engine computes only "
+                       "in fp16; apply the fp16 pass (sorakit optimize --passes fp16, or an Apple device profile)")
+        else:
+            why.append(f"fp32 islands: {sum(fp32.values())} node(s) compute in fp32 ({ops}); the Neural Engine "
+                       "computes only in fp16, so Core ML runs those on the GPU or CPU")
+    return NeuralEngine(not why, why, dict(fp32), fp16)
 
 
 def audit_bundle(
@@ -656,11 +768,88 @@ def audit_bundle(
             b.verify_graph_files(g)
         a = audit_model(b.path(g.file), profile, name=g.name, role=g.role, optimize=optimize, context=ctx)
         a.file = g.file
+        reason = g.info.get("fp32_reason")
+        if a.neural_engine is not None and reason and a.neural_engine.fp32_nodes:
+            # the precision pass said why this graph stays fp32: that beats the generic advice
+            a.neural_engine.why_not = [w for w in a.neural_engine.why_not if not w.startswith("the graph computes")]
+            a.neural_engine.why_not.append(f"fp32 on purpose: {reason}")
         report.graphs.append(a)
     if progress:
         progress("", len(graphs), len(graphs))
     return report
 
 
-__all__ = ["audit_model", "audit_bundle", "prepare_model", "AuditReport", "GraphAudit", "NodeFinding", "Reason",
+# ---------------------------------------------------------------------------------------------
+# the audit next to ORT's own checker
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CheckerComparison:
+    """sorakit's estimate next to ORT's ``check_onnx_model_mobile_usability`` (its Core ML ML Program check)
+    for one graph, and why they differ."""
+
+    graph: str
+    ort_nodes: int
+    ort_on_ep: int
+    ort_partitions: int
+    ort_partition_sizes: list[int]
+    ort_unsupported_ops: list[str]
+    sorakit_nodes: int
+    sorakit_on_ep: int
+    sorakit_partitions: int
+    # nodes ORT's checker puts on the EP and sorakit does not, by sorakit's reason code
+    only_sorakit_rejects: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+    only_ort_rejects: int = 0  # nodes ORT's checker rejects and sorakit takes (should be 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def compare_with_ort_checker(model: str | Path, profile: DeviceProfile | str, name: str | None = None
+                             ) -> CheckerComparison:
+    """Run ORT's own usability check (ORT_ENABLE_BASIC with ``optimize_model``, ONNX shape inference, then
+    ``check_coreml_partitions`` with the op list of the profile's model format, as
+    ``python -m onnxruntime.tools.check_onnx_model_mobile_usability`` does) and sorakit's audit on one graph.
+
+    ORT's checker decides by op type, fixed input sizes and rank <= 5 only; sorakit adds the
+    checks ORT's CoreML EP makes when it builds the model (dimensions over 16384, 3-D convolutions,
+    input types, constant parameters). The comparison lists the nodes only sorakit rejects, by reason.
+    """
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    ep = profile.compiling_provider
+    if ep is None or ep.name != "CoreMLExecutionProvider":
+        raise SorakitError(f"device {profile.name!r} has no Core ML provider; ORT's checker comparison is for Core ML")
+    ensure_ort_tools_without_torch()
+    from onnxruntime.tools.mobile_helpers import usability_checker
+    from onnxruntime.tools.onnx_model_utils import optimize_model
+
+    path = Path(model)
+    fmt = profile.coreml_model_format
+    with tempfile.TemporaryDirectory(prefix="sorakit-ortcheck-") as tmp:
+        out = Path(tmp) / "basic.onnx"
+        optimize_model(path, out, use_external_initializers=True)
+        prepared = onnx.shape_inference.infer_shapes(onnx.load(str(out), load_external_data=False), strict_mode=True)
+    info = usability_checker.check_coreml_partitions(prepared, True, OP_LISTS[("CoreMLExecutionProvider", fmt)])
+    ort_nodes = {(n.op_type, n.output[0]) for n in prepared.graph.node}
+    ort_taken = {(n.op_type, n.output[0]) for grp in info.supported_groups for n in grp}
+    mine = prepare_model(path)
+    ours = audit_model(mine, profile, name=name, optimize=False)
+    labels = {n.name or f"{n.op_type}_{i}": (n.op_type, n.output[0]) for i, n in enumerate(mine.graph.node)}
+    rejected = {labels[f.node]: f for f in ours.fallbacks if f.node in labels}
+    codes: Counter[str] = Counter()
+    examples: list[str] = []
+    for key, f in rejected.items():
+        if key in ort_taken:
+            codes[f.reasons[0].code] += 1
+            if len(examples) < 3:
+                examples.append(f"{f.node} ({f.op}): {f.reasons[0].detail}")
+    ours_taken = set(labels.values()) - set(rejected)
+    only_ort = len(ours_taken & (ort_nodes - ort_taken))
+    return CheckerComparison(
+        name or path.stem, info.num_nodes, info.num_supported_nodes, info.num_partitions,
+        [len(grp) for grp in info.supported_groups], sorted(info.unsupported_ops),
+        ours.nodes, ours.nodes_on_ep, ours.partitions, dict(codes), examples, only_ort)
+
+
+__all__ = ["compare_with_ort_checker", "CheckerComparison", "NeuralEngine", "audit_model", "audit_bundle", "prepare_model", "AuditReport", "GraphAudit", "NodeFinding", "Reason",
            "REASONS", "MAX_DIM", "MAX_RANK"]

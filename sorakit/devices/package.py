@@ -122,17 +122,31 @@ def graph_bytes(b: Bundle, g: GraphEntry) -> int:
     return sum(b.manifest.files[f]["bytes"] if f in b.manifest.files else b.path(f).stat().st_size for f in files)
 
 
-def check_sizes(b: Bundle, graphs: list[GraphEntry], limit: int | None = None) -> None:
-    limit = ORT_FORMAT_LIMIT if limit is None else limit
-    over = [(g.name, graph_bytes(b, g)) for g in graphs if graph_bytes(b, g) > limit]
-    if over:
-        names = ", ".join(f"{n} ({_gb(s)})" for n, s in over)
-        raise PackageError(
-            f"graph {names} would make an .ort file over the ORT format's {_gb(limit)} limit "
-            "(FlatBuffers, onnxruntime#16573); nothing was written",
-            hint="re-export with a finer --granularity (pair or single), or shrink the weights "
-                 "(sorakit optimize --passes fp16 or int8)",
-        )
+def size_limits(profile: DeviceProfile | None = None) -> list[tuple[int, str]]:
+    """(bytes, what imposes it) for every file-size limit a graph of a package must stay under."""
+    limits = [(ORT_FORMAT_LIMIT, "the ORT format's 2 GiB limit (FlatBuffers uses 32-bit offsets, onnxruntime#16573)")]
+    if profile is not None and profile.uses_coreml and profile.coreml_max_model_bytes:
+        limits.append((profile.coreml_max_model_bytes,
+                       f"the {profile.coreml['max_model_bytes']} per-model limit of Core ML on {profile.name} "
+                       "([coreml] max_model_bytes; Apple splits larger models for the Neural Engine on iOS)"))
+    if profile is not None and profile.uses_coreml and profile.coreml_model_format == "NeuralNetwork":
+        limits.append((2**31 - 1, "the 2 GiB protobuf limit of a Core ML NeuralNetwork model (weights inside the "
+                                  "spec)"))
+    return sorted(limits)
+
+
+def check_sizes(b: Bundle, graphs: list[GraphEntry], limit: int | None = None,
+                profile: DeviceProfile | None = None) -> None:
+    limits = [(limit, f"the limit of {_gb(limit)}")] if limit is not None else size_limits(profile)
+    for cap, what in limits:
+        over = [(g.name, graph_bytes(b, g)) for g in graphs if graph_bytes(b, g) > cap]
+        if over:
+            names = ", ".join(f"{n} ({_gb(s)})" for n, s in over)
+            raise PackageError(
+                f"graph {names} would make an .ort file over {what}: {_gb(cap)}; nothing was written",
+                hint="re-export with a finer --granularity (pair or single), or shrink the weights "
+                     "(sorakit optimize --passes fp16 or int8)",
+            )
 
 
 def _gb(n: int) -> str:
@@ -463,7 +477,7 @@ def package_bundle(
         for g in c.graphs:
             order.append((comp, g, None))
             order += [(comp, v, g.name) for v in g.variants.values()]
-    check_sizes(b, [g for _, g, _ in order])
+    check_sizes(b, [g for _, g, _ in order], profile=profile)
 
     audits: dict[str, Any] = {}
     if audit:
@@ -494,9 +508,10 @@ def package_bundle(
             rel = _ort_rel(g.file)
             dst = convert_to_ort(b.path(g.file), staging / rel, style, profile.is_arm)
             size = dst.stat().st_size
-            if size > ORT_FORMAT_LIMIT:
-                raise PackageError(f"graph {g.name} made a {_gb(size)} .ort file, over the ORT format's "
-                                   f"{_gb(ORT_FORMAT_LIMIT)} limit", hint="re-export with a finer --granularity")
+            for cap, what in size_limits(profile):
+                if size > cap:
+                    raise PackageError(f"graph {g.name} made a {_gb(size)} .ort file, over {what}: {_gb(cap)}",
+                                       hint="re-export with a finer --granularity")
             ort_paths[g.name] = dst
             names[dst] = rel
             config_inputs.append(dst)
@@ -509,7 +524,9 @@ def package_bundle(
                 g.name, comp, g.role, g.file, rel, graph_bytes(b, g), size, parent,
                 audit=None if a is None else {"clean": a.clean, "nodes": a.nodes, "nodes_on_ep": a.nodes_on_ep,
                                               "partitions": a.partitions, "fallback_ops": a.fallback_ops(),
-                                              "reasons": a.reason_counts()})
+                                              "reasons": a.reason_counts(), "placement": placement(a),
+                                              "neural_engine": a.neural_engine.to_dict() if a.neural_engine
+                                              else None})
         if progress:
             progress("convert", len(order), len(order))
         op_lines = write_operator_config(config_inputs, staging / CONFIG, names)
@@ -543,6 +560,30 @@ def package_bundle(
     report.duplicated_bytes = manifest["sizes"]["duplicated_by_variants"]
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def placement(a) -> dict[str, Any]:
+    """Where a graph runs, as the audit predicts: one provider, or split between the EP and the CPU."""
+    cpu = a.nodes - a.nodes_on_ep
+    if a.provider == "CPUExecutionProvider":
+        where = "CPUExecutionProvider"
+    elif a.clean:
+        where = a.provider
+    elif a.nodes_on_ep == 0:
+        where = "CPUExecutionProvider"
+    else:
+        where = "split"
+    return {"runs_on": where, "nodes": {a.provider: a.nodes_on_ep, **({"CPUExecutionProvider": cpu} if cpu and
+                                                                     a.provider != "CPUExecutionProvider" else {})},
+            "partitions": a.partitions}
+
+
+def _placement_summary(results: dict[str, PackagedGraph]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for r in results.values():
+        if r.audit is not None:
+            out.setdefault(r.audit["placement"]["runs_on"], []).append(r.name)
+    return out
 
 
 def reduced_build_command(profile: DeviceProfile) -> str:
@@ -668,7 +709,17 @@ def _write_side_files_and_manifest(b, profile, style, staging, order, results, o
         "verification": {"enabled": verify, "atol": atol, "reference": ".onnx in ONNX Runtime (CPU EP)",
                          "all_exact": all(r.exact for r in results.values()) if verify else None},
         "audit": ({"provider": next(iter(audits.values())).provider if audits else None,
-                   "clean_graphs": sum(a.clean for a in audits.values()), "graphs": len(audits)} if audits else None),
+                   "clean_graphs": sum(a.clean for a in audits.values()), "graphs": len(audits),
+                   "neural_engine_graphs": sum(bool(a.neural_engine and a.neural_engine.eligible)
+                                               for a in audits.values()),
+                   "note": "offline estimate (sorakit audit); confirm on the device with "
+                           "session.record_ep_graph_assignment_info=1 (docs/ios-app.md)"} if audits else None),
+        "placement": _placement_summary(results) if audits else None,
+        "weights": {"embedded": True,
+                    "why": "every .ort holds its weights (the ORT format has no external data); ORT's Core ML EP "
+                           "skips nodes whose initializers are external and has been reported to crash loading "
+                           "such models (onnxruntime#28005)",
+                    "limits": [{"bytes": cap, "what": what} for cap, what in size_limits(profile)]},
         "files": files,
     }
     (staging / PACKAGE_MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -66,6 +66,12 @@ class CoreMLSettings:
     t5_lookup_outside: bool | None = None
     numeric_check: bool | None = None  # None: on macOS only
     only: tuple[str, ...] | None = None  # convert only graphs whose name starts with one of these
+    tdtm: bool = True  # also convert each transformer block's TDTM variant (as `sorakit optimize --passes tdtm`)
+    gate: float | None = None  # fp16: minimum SSIM (None: the fp16 pass's registered gate); <= 0 skips the gate
+    gate_steps: int | None = None
+    force: bool = False  # convert in fp16 even when the gate fails (recorded)
+    tdtm_positions: str = "midpoint"
+    tdtm_scope: str = "attention"
 
 
 @dataclass
@@ -90,9 +96,10 @@ class CoreMLReport:
     target: str
     pieces: list[CoreMLPiece] = field(default_factory=list)
     numeric_note: str = ""
+    gate: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out": str(self.out), "precision": self.precision, "target": self.target,
+        return {"out": str(self.out), "precision": self.precision, "target": self.target, "gate": self.gate,
                 "numeric_note": self.numeric_note, "pieces": [p.__dict__ for p in self.pieces]}
 
 
@@ -126,6 +133,22 @@ def adapt_for_coreml(module: nn.Module) -> nn.Module:
         elif not isinstance(child, GroupNorm3d):
             adapt_for_coreml(child)
     return module
+
+
+class TDTMBlock(nn.Module):
+    """A transformer block group run the TDTM way (frame pairs merged around its attentions): the same
+    computation as the TDTM graph pass injects into the ONNX block, from ``export.tdtm``'s reference."""
+
+    def __init__(self, group: nn.Module, positions: str = "midpoint", scope: str = "attention"):
+        super().__init__()
+        self.group = group
+        self.positions = positions
+        self.scope = scope
+
+    def forward(self, x, y, y_bias, t_mlp):
+        from sorakit.export.tdtm import block_group_forward
+
+        return block_group_forward(self.group, x, y, y_bias, t_mlp, self.positions, self.scope)
 
 
 def example_inputs(spec: PieceSpec, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -311,6 +334,7 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
     geo = es.geometry()
     numeric = sys.platform == "darwin" if settings.numeric_check is None else settings.numeric_check
     report = CoreMLReport(out, settings.precision, settings.target)
+    report.gate = run_fp16_gate(es, settings) if settings.precision == "fp16" else None
     report.numeric_note = (
         "numeric check: Core ML predictions compared with torch (PSNR >= 35 dB)" if numeric else
         f"numeric check skipped: Core ML predictions need macOS (this is {sys.platform}); the conversion and every "
@@ -321,6 +345,8 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
         for comp in like["components"].values():
             for g in comp["graphs"]:
                 like_entries[g["name"]] = g
+                for v in g.get("variants", {}).values():
+                    like_entries[v["name"]] = v
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -359,10 +385,21 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
                                   **({"binds": o.binds} if o.binds else {})} for o, (_, _, d) in zip(spec.outputs, outs)]
                 piece.seconds = time.perf_counter() - t0
                 report.pieces.append(piece)
-                graphs.append({"name": spec.name, "role": spec.role, "file": rel, "precision": precision,
-                               "inputs": piece.inputs, "outputs": piece.outputs, "modules": spec.modules,
-                               "converted_via": method})
-                del module, mlmodel
+                graph = {"name": spec.name, "role": spec.role, "file": rel, "precision": precision,
+                         "inputs": piece.inputs, "outputs": piece.outputs, "modules": spec.modules,
+                         "converted_via": method}
+                del mlmodel
+                if spec.role == "block" and settings.tdtm and int(spec.inputs[0].shape[1]) >= 2:
+                    variant = _convert_tdtm(module, spec, rel, precision, settings, staging, numeric,
+                                            like_entries.get(spec.name + ".tdtm"))
+                    report.pieces.append(variant)
+                    graph["variants"] = {"tdtm": {"name": variant.name, "role": "block", "file": variant.file,
+                                                  "precision": precision, "inputs": variant.inputs,
+                                                  "outputs": variant.outputs, "converted_via": variant.method,
+                                                  "tdtm": {"positions": settings.tdtm_positions,
+                                                           "scope": settings.tdtm_scope}}}
+                graphs.append(graph)
+                del module
                 if progress:
                     progress(comp, i + 1, len(plan))
             components[comp] = {"graphs": graphs}
@@ -386,8 +423,13 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
             "like_bundle": str(settings.like) if settings.like else None,
             "components": components,
             "notes": ["int64 inputs of the ONNX graphs are int32 here (Core ML has no int64 inputs)",
-                      "TDTM variants are not converted by this path yet"],
+                      "TDTM variants (block_NN.tdtm.mlpackage) hold their own copy of the block's weights"
+                      if settings.tdtm else "TDTM variants not converted (--no-tdtm)"],
+            "tdtm": ({"available": True, "positions": settings.tdtm_positions, "scope": settings.tdtm_scope,
+                      "variant": "tdtm", "default_steps": 0} if settings.tdtm and "transformer" in components
+                     else {"available": False}),
             "numeric_check": report.numeric_note,
+            "fp16_gate": report.gate,
             "tools": _tool_versions(),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -402,6 +444,70 @@ def export_coreml(settings: CoreMLSettings, out: str | Path, progress=None) -> C
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def run_fp16_gate(es: ExportSettings, settings: CoreMLSettings) -> dict[str, Any]:
+    """The fp16 pass's quality gate for Core ML's fp16 compute precision (emulated in torch: ``export.fp16``).
+
+    Needs the whole model (text encoder, transformer and VAE, from checkpoints or random weights);
+    a failing gate refuses the conversion unless ``force``.
+    """
+    if settings.gate is not None and settings.gate <= 0:
+        return {"skipped": "not gated on request (--gate 0)"}
+    missing = [c for c in models.COMPONENTS if settings.random_weights is False and c not in settings.checkpoints]
+    if missing:
+        return {"skipped": f"the gate runs the whole model; no checkpoint for {', '.join(missing)}"}
+    from sorakit.export.fp16 import fp16_gate
+
+    if settings.random_weights:
+        tm = models.TorchModels.random(es.preset, settings.seed)
+    else:
+        tok = Path(settings.checkpoints["text_encoder"]) / "tokenizer.json"
+        if settings.like is not None:  # the bundle's tokenizer (the one the app ships)
+            from sorakit.bundle.io import Bundle
+
+            b = Bundle.open(settings.like, verify="none")
+            tok = b.path(b.manifest.tokenizer["file"])
+        tm = models.TorchModels.from_checkpoints(es.preset, settings.checkpoints["transformer"],
+                                                 settings.checkpoints["vae"], settings.checkpoints["text_encoder"],
+                                                 tok if tok.is_file() else None)
+    gate = fp16_gate(tm, settings.gate, settings.gate_steps)
+    if not gate["passed"]:
+        if not settings.force:
+            raise VerificationError(
+                f"fp16 compute precision fails its quality gate: mean SSIM {gate['value']:.3f} < {gate['threshold']} "
+                f"(PSNR {gate['psnr_db']:.1f} dB{', non-finite values' if not gate['finite'] else ''}) on "
+                f"{len(gate['prompts'])} fixed prompts; nothing was converted",
+                hint="convert with --precision fp32, or --force to convert in fp16 anyway")
+        gate["forced"] = True
+    return gate
+
+
+def _convert_tdtm(module: nn.Module, spec: PieceSpec, rel: str, precision: str, settings: CoreMLSettings,
+                  staging: Path, numeric: bool, like_entry: dict[str, Any] | None) -> CoreMLPiece:
+    """The TDTM variant of a converted block: same inputs and outputs, its own .mlpackage."""
+    from sorakit.graph_passes.tdtm import POSITIONS, SCOPES
+
+    if settings.tdtm_positions not in POSITIONS or settings.tdtm_scope not in SCOPES:
+        raise SorakitError(f"TDTM positions must be one of {POSITIONS} and scope one of {SCOPES}")
+    t0 = time.perf_counter()
+    wrapped = TDTMBlock(module, settings.tdtm_positions, settings.tdtm_scope).eval()
+    mlmodel, method = convert_piece(wrapped, spec, precision, settings.target, settings.seed)
+    vrel = rel[: -len(".mlpackage")] + ".tdtm.mlpackage"
+    dst = staging / vrel
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        mlmodel.save(str(dst))
+    check_spec(dst, spec, like_entry)
+    piece = CoreMLPiece(spec.name + ".tdtm", spec.component, "block", vrel, precision, method,
+                        "matches the bundle's TDTM variant" if like_entry else "matches the piece")
+    if numeric:
+        piece.numeric = numeric_check(mlmodel, wrapped, spec, settings.seed)
+    ins, outs = package_spec(dst)
+    piece.inputs = [{"name": n, "shape": s, "dtype": d} for n, s, d in ins]
+    piece.outputs = [{"name": o.name, "shape": [int(x) for x in o.shape], "dtype": d,
+                      **({"binds": o.binds} if o.binds else {})} for o, (_, _, d) in zip(spec.outputs, outs)]
+    piece.seconds = time.perf_counter() - t0
+    return piece
 
 
 def _side_files(es: ExportSettings, settings: CoreMLSettings, staging: Path, like: dict | None) -> None:

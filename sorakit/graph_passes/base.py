@@ -157,6 +157,11 @@ class GraphPass:
     def finish(self, manifest: Manifest) -> None:
         """Manifest-level updates after every graph was rewritten."""
 
+    def candidates(self) -> list[GraphPass]:
+        """A lossy pass: the settings to try in order; the pipeline keeps the first that passes the
+        quality gate (the last one is held to it as usual). Default: just this one."""
+        return [self]
+
 
 def new_name(rel: str, tag: str) -> str:
     """transformer/block_00.onnx -> transformer/block_00.<tag>.onnx"""

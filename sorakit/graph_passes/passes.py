@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import onnx
+from onnx import numpy_helper
 
 from sorakit.bundle.manifest import GraphEntry, Manifest, TensorSpec
 from sorakit.errors import SorakitError
@@ -176,6 +177,14 @@ class SimplifyPass(GraphPass):
 # ---------------------------------------------------------------------------------------------
 FP32_ISLANDS = ["Softmax", "LayerNormalization", "GroupNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal",
                 "InstanceNormalization", "Exp", "Log", "Cos", "Sin"]
+# fp16 island sets, from none (fp16 throughout: what the Neural Engine needs) to the cautious default
+ISLAND_SETS = {
+    "none": [],
+    "norms": ["LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean", "Pow", "Sqrt",
+              "Reciprocal"],
+    "safe": FP32_ISLANDS,
+}
+AUTO_ISLANDS = ("none", "norms", "safe")  # "auto" tries these in order; the first that passes the gate is kept
 
 
 class _PrecisionPass(GraphPass):
@@ -252,6 +261,26 @@ class _PrecisionPass(GraphPass):
         return changes
 
 
+def square_pow_as_mul(g: onnx.GraphProto) -> int:
+    """Pow(x, 2) -> Mul(x, x) (bit-identical in fp32; Core ML's EP takes Pow only on fp32 inputs)."""
+    consts = {i.name: i for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t
+    done = 0
+    for n in g.node:
+        if n.op_type == "Pow" and len(n.input) == 2 and n.input[1] in consts:
+            t = consts[n.input[1]]
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            e = numpy_helper.to_array(t)
+            if e.size == 1 and float(e.reshape(-1)[0]) == 2.0:
+                n.op_type = "Mul"
+                n.input[1] = n.input[0]
+                done += 1
+    return done
+
+
 def _drop_duplicate_casts(g: onnx.GraphProto) -> None:
     first: dict[str, onnx.NodeProto] = {}
     keep = []
@@ -295,11 +324,46 @@ class FP16Pass(_PrecisionPass):
     components = ("transformer", "vae")
     tag = "fp16"
 
+    def __init__(self, islands: str | list[str] = "auto", **kw: Any):
+        if isinstance(islands, str) and islands not in (*ISLAND_SETS, "auto"):
+            islands = [s.strip() for s in islands.split(",") if s.strip()]
+        super().__init__(islands=islands, **kw)
+
+    def island_ops(self) -> list[str]:
+        islands = self._settings["islands"]
+        if islands == "auto":  # applied without its gate: the cautious set
+            islands = AUTO_ISLANDS[-1]
+        return list(ISLAND_SETS[islands]) if isinstance(islands, str) else list(islands)
+
+    def candidates(self) -> list[GraphPass]:
+        if self._settings["islands"] != "auto":
+            return [self]
+        rest = {k: v for k, v in self._settings.items() if k != "islands"}
+        return [FP16Pass(islands=level, **rest) for level in AUTO_ISLANDS]
+
+    def finish(self, manifest):
+        comps = self._settings.get("components") or self.components
+        for c, g in _all(manifest):
+            for e in [g, *g.variants.values()]:
+                if c not in comps:
+                    e.info["fp32_reason"] = ("the fp16 pass keeps the text encoder fp32: T5's activations overflow "
+                                             "fp16 (above 65504)" if c == "text_encoder" else
+                                             f"the fp16 pass was not applied to the {c} component")
+                elif g.role in ("prologue", "epilogue"):
+                    e.info["fp32_reason"] = ("the fp16 pass keeps the transformer's prologue and epilogue fp32: fp16 "
+                                             "loses the phase of the timestep and position sinusoids, and the "
+                                             "epilogue writes the velocity directly")
+                else:
+                    e.info.pop("fp32_reason", None)
+
     def convert(self, ws, e):
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         model = ws.load(e.file, with_data=True)
-        converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_ISLANDS)
+        islands = self.island_ops()
+        if "Pow" not in islands:
+            square_pow_as_mul(model.graph)  # exact; the EP takes Pow only in fp32
+        converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=islands)
         _drop_duplicate_casts(converted.graph)  # the converter may insert one Cast per consumer, alike
         _unique_node_names(converted.graph)
         return converted

@@ -75,34 +75,59 @@ def optimize_bundle(
     gates = {**{p.name: p.gate for p in objs if p.lossy}, **(gates or {})}
     try:
         for p in objs:
-            before = copy.deepcopy(manifest)
-            record = PassRecord(p.name, p.settings())
-            targets = p.targets(manifest)
-            for i, (comp, entry) in enumerate(targets):
-                if progress:
-                    progress(p.name, i, len(targets))
-                for change in p.rewrite(ws, manifest, comp, entry):
-                    if not p.lossy and change.replaced is not None:
-                        change.max_abs_err = verify_exact(ws, change.replaced, _find(manifest, change.graph),
-                                                          manifest, p.name)
-                    record.changes.append(change)
-            if progress:
-                progress(p.name, len(targets), len(targets))
-            p.finish(manifest)
-            if p.lossy:
-                if gates.get(p.name) is None:
-                    record.gate = {"skipped": "not gated on request"}
-                else:
-                    precision = p.name if p.settings().get("variant") else None  # run the variants it added
-                    record.gate = run_gate(p.name, ws, before, manifest, gates[p.name], force, gate_steps, precision)
-            manifest.passes.append(record.to_dict())
-            report.records.append(record)
+            candidates = p.candidates() if p.lossy else [p]
+            if p.lossy and (gates.get(p.name) is None or not gateable(manifest)):
+                candidates = candidates[-1:]  # no gate to choose with: the most cautious setting
+            attempts: list[dict[str, Any]] = []
+            for k, q in enumerate(candidates):
+                last = k == len(candidates) - 1
+                before = copy.deepcopy(manifest)
+                files_before = {f for f in ws.root.rglob("*") if f.is_file()}
+                record = _apply(q, ws, manifest, progress)
+                if q.lossy:
+                    if gates.get(q.name) is None:
+                        record.gate = {"skipped": "not gated on request"}
+                    else:
+                        precision = q.name if q.settings().get("variant") else None  # run the variants it added
+                        record.gate = run_gate(q.name, ws, before, manifest, gates[q.name], force, gate_steps,
+                                               precision, raise_on_fail=last)
+                        if not record.gate.get("passed", True) and not last:
+                            # a stricter setting of the same pass is tried next: undo this attempt
+                            attempts.append({"settings": q.settings(), **{k2: record.gate[k2] for k2 in
+                                                                        ("value", "min", "psnr_db", "passed")}})
+                            manifest = before
+                            for f in {f for f in ws.root.rglob("*") if f.is_file()} - files_before:
+                                f.unlink()
+                            continue
+                    if attempts:
+                        record.gate["attempts"] = attempts
+                manifest.passes.append(record.to_dict())
+                report.records.append(record)
+                break
         manifest.files = {rel: file_record(ws.path(rel)) for rel in manifest.referenced_files()}
         staging.commit(manifest)
     except BaseException:
         shutil.rmtree(staging.dir, ignore_errors=True)
         raise
     return report
+
+
+def _apply(p, ws: Workspace, manifest: Manifest, progress: ProgressFn | None) -> PassRecord:
+    """Run one pass over its targets; exact rewrites are verified graph by graph as they are made."""
+    record = PassRecord(p.name, p.settings())
+    targets = p.targets(manifest)
+    for i, (comp, entry) in enumerate(targets):
+        if progress:
+            progress(p.name, i, len(targets))
+        for change in p.rewrite(ws, manifest, comp, entry):
+            if not p.lossy and change.replaced is not None:
+                change.max_abs_err = verify_exact(ws, change.replaced, _find(manifest, change.graph),
+                                                  manifest, p.name, getattr(p, "adapt_feeds", None))
+            record.changes.append(change)
+    if progress:
+        progress(p.name, len(targets), len(targets))
+    p.finish(manifest)
+    return record
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -165,25 +190,36 @@ def sample_inputs(entry: GraphEntry, manifest: Manifest, shapes: dict[str, list[
     return feeds
 
 
-def verify_exact(ws: Workspace, old: GraphEntry, new: GraphEntry, manifest: Manifest, pass_name: str) -> float:
+def verify_exact(ws: Workspace, old: GraphEntry, new: GraphEntry, manifest: Manifest, pass_name: str,
+                 adapt: Callable | None = None) -> float:
+    """Run the graph before and after a pass on the same seeded inputs; the outputs must agree.
+
+    ``adapt(ws, manifest, old, new, feeds_old) -> feeds_new``: for a pass that changes a graph's
+    inputs (e.g. the T5 lookup taken out of the graph), the new graph's inputs derived from the old one's.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    # symbolic dimensions of the new graph are checked at the old graph's sizes; the prompt's token
-    # count (pass text_tokens, symbolic in both) at the length the encoder was exported for
-    from sorakit.graph_passes.text_tokens import DIM as TOKENS
+    if adapt is None:
+        # symbolic dimensions of the new graph are checked at the old graph's sizes; the prompt's
+        # token count (pass text_tokens, symbolic in both) at the length the encoder was exported for
+        from sorakit.graph_passes.text_tokens import DIM as TOKENS
 
-    known = {TOKENS: int(manifest.tokenizer.get("max_length", 0) or 0)}
-    shapes = {t.name: [o if not isinstance(d, int) else d for d, o in zip(t.shape, old_t.shape)]
-              for t, old_t in zip(new.inputs, old.inputs)}
-    shapes = {k: [known.get(d, d) if isinstance(d, str) else d for d in v] for k, v in shapes.items()}
-    feeds = sample_inputs(new, manifest, shapes)
+        known = {TOKENS: int(manifest.tokenizer.get("max_length", 0) or 0)}
+        shapes = {t.name: [o if not isinstance(d, int) else d for d, o in zip(t.shape, old_t.shape)]
+                  for t, old_t in zip(new.inputs, old.inputs)}
+        shapes = {k: [known.get(d, d) if isinstance(d, str) else d for d in v] for k, v in shapes.items()}
+        feeds = sample_inputs(new, manifest, shapes)
+        feeds_old = feeds
+    else:
+        feeds_old = sample_inputs(old, manifest, {t.name: t.shape for t in old.inputs})
+        feeds = adapt(ws, manifest, old, new, feeds_old)
     a = ort.InferenceSession(str(ws.path(old.file)), so, providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(ws.path(new.file)), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in new.outputs]
-    ra = a.run(names, {k: v for k, v in feeds.items() if k in {i.name for i in a.get_inputs()}})
-    rb = b.run(names, feeds)
+    ra = a.run(names, {k: v for k, v in feeds_old.items() if k in {i.name for i in a.get_inputs()}})
+    rb = b.run(names, {k: v for k, v in feeds.items() if k in {i.name for i in b.get_inputs()}})
     err = 0.0
     for x, y in zip(ra, rb):
         if x.shape != y.shape:
@@ -196,13 +232,21 @@ def verify_exact(ws: Workspace, old: GraphEntry, new: GraphEntry, manifest: Mani
     return err
 
 
+GATE_COMPONENTS = ("text_encoder", "transformer", "vae")
+
+
+def gateable(manifest: Manifest) -> bool:
+    """Whether the end-to-end gate can run on this bundle (it generates videos: every component)."""
+    return all(c in manifest.components for c in GATE_COMPONENTS)
+
+
 def run_gate(name: str, ws: Workspace, before: Manifest, after: Manifest, threshold: float, force: bool,
-             steps: int | None, precision: str | None = None) -> dict[str, Any]:
+             steps: int | None, precision: str | None = None, raise_on_fail: bool = True) -> dict[str, Any]:
     """End-to-end SSIM of videos from fixed prompts/seeds, before vs after the pass."""
     from sorakit.metrics import psnr, video_ssim
     from sorakit.runtime.pipeline import Pipeline
 
-    missing = [c for c in ("text_encoder", "transformer", "vae") if c not in after.components]
+    missing = [c for c in GATE_COMPONENTS if c not in after.components]
     if missing:
         return {"skipped": f"the bundle lacks {missing}; no end-to-end gate", "threshold": threshold}
     steps = steps or int(after.sampler.get("num_steps", 30))
@@ -226,7 +270,7 @@ def run_gate(name: str, ws: Workspace, before: Manifest, after: Manifest, thresh
             "compared": "tdtm for half the steps vs none" if name == "tdtm" else "after vs before the pass",
             "passed": mean >= threshold}
     if not gate["passed"]:
-        if not force:
+        if not force and raise_on_fail:
             raise VerificationError(
                 f"pass {name!r} fails its quality gate: mean SSIM {mean:.3f} < {threshold} "
                 f"(PSNR {gate['psnr_db']:.1f} dB) on {len(GATE_PROMPTS)} fixed prompts",

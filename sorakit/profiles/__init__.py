@@ -56,7 +56,7 @@ OPENVINO_OPTIONS = {
     "CACHE_DIR": None,  # "{cache}" is replaced by the sorakit cache directory
     "ENABLE_MMAP": {"YES", "NO"},
 }
-COREML_KEYS = {"model_format": str, "max_dim": int, "max_rank": int}
+COREML_KEYS = {"model_format": str, "max_dim": int, "max_rank": int, "max_model_bytes": str}
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,12 @@ class DeviceProfile:
         p = self.provider("CoreMLExecutionProvider")
         default = p.options.get("ModelFormat", "NeuralNetwork") if p else "NeuralNetwork"
         return str(self.coreml.get("model_format", default))
+
+    @property
+    def coreml_max_model_bytes(self) -> int | None:
+        """The largest graph (weights included) the device's Core ML takes, if the profile sets one."""
+        v = self.coreml.get("max_model_bytes")
+        return parse_bytes(v) if v else None
 
     @property
     def requires_static_input_shapes(self) -> bool:
@@ -225,6 +231,12 @@ def load_profile(path: str | Path) -> DeviceProfile:
         raise SorakitError(f"{where}: has a [coreml] table but no CoreMLExecutionProvider")
     if "model_format" in coreml and coreml["model_format"] not in COREML_OPTIONS["ModelFormat"]:
         raise SorakitError(f"{where}: [coreml] model_format must be MLProgram or NeuralNetwork")
+    if "max_model_bytes" in coreml:
+        try:
+            if parse_bytes(coreml["max_model_bytes"]) <= 0:
+                raise SorakitError("must be positive")
+        except SorakitError as e:
+            raise SorakitError(f"{where}: [coreml] max_model_bytes {coreml['max_model_bytes']!r}: {e}") from None
     return DeviceProfile(
         name=data["name"],
         description=data["description"],
