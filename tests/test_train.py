@@ -154,7 +154,9 @@ def test_tokenizer_has_t5_ids_and_unknown_words(tmp_path):
 
 # -- the recipe --------------------------------------------------------------------------
 def test_recipe_runs_end_to_end_on_a_tiny_config(tmp_path):
-    from sorakit.train.recipe import load_trained, run, tiny_config, tiny_shapes_preset
+    from sorakit.train.config import tiny_config, tiny_shapes_preset
+    from sorakit.train.recipe import run
+    from sorakit.train.weights import load_trained
 
     preset = tiny_shapes_preset()
     record = run(tmp_path, tiny_config(), preset, quiet=True)
@@ -277,8 +279,10 @@ def test_recipe_continues_a_previous_dit_and_ships_a_checkpoint(tmp_path):
     import json
 
     from sorakit.export.models import save_checkpoint
-    from sorakit.train.recipe import load_trained, run, save_fp16, tiny_config, tiny_shapes_preset
+    from sorakit.train.config import tiny_config, tiny_shapes_preset
+    from sorakit.train.recipe import run
     from sorakit.train.report import ship
+    from sorakit.train.weights import load_trained, save_fp16
 
     preset = tiny_shapes_preset()
     run(tmp_path / "a", tiny_config(), preset, quiet=True)
@@ -343,7 +347,7 @@ def test_recipe_continues_a_previous_dit_and_ships_a_checkpoint(tmp_path):
 
 
 def test_latent_object_mask_follows_the_object():
-    from sorakit.train.recipe import latent_object_mask
+    from sorakit.train.dit import latent_object_mask
 
     videos, _, attrs = make_dataset(8, seed=3)
     mask = latent_object_mask(videos, (5, 8, 8))
@@ -360,7 +364,7 @@ def test_latent_object_mask_follows_the_object():
 
 
 def test_caption_labels_read_what_the_caption_says():
-    from sorakit.train.recipe import CAPTION_ATTRIBUTES, caption_labels
+    from sorakit.train.text_encoder import CAPTION_ATTRIBUTES, caption_labels
 
     labels = caption_labels(["a red circle moving left on a black background", "green box going upwards"])
     names = [n for n, _ in CAPTION_ATTRIBUTES]
@@ -386,14 +390,9 @@ def test_text_pretraining_makes_direction_readable_from_the_pooled_caption(tmp_p
     from sorakit.export.stdit3 import masked_mean
     from sorakit.tokenizer import PromptTokenizer
     from sorakit.train import data as shapes_data
-    from sorakit.train.recipe import (
-        Logger,
-        caption_labels,
-        encode_captions,
-        pretrain_text_encoder,
-        tiny_config,
-        tiny_shapes_preset,
-    )
+    from sorakit.train.common import Logger
+    from sorakit.train.config import tiny_config, tiny_shapes_preset
+    from sorakit.train.text_encoder import caption_labels, encode_captions, pretrain_text_encoder
     from sorakit.train.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
@@ -424,7 +423,8 @@ def test_latent_whitening_changes_coordinates_not_videos():
     """Folding the whitening map into the temporal VAE leaves decode(encode(.)) as it was and
     returns the coordinates the re-encoded VAE produces, with identity covariance above the floor."""
     from sorakit.export.models import build
-    from sorakit.train.recipe import encode_temporal, tiny_shapes_preset, whiten_latents
+    from sorakit.train.config import tiny_shapes_preset
+    from sorakit.train.vae import encode_temporal, whiten_latents
 
     torch.manual_seed(0)
     vae = build("vae", tiny_shapes_preset()).float().eval()
@@ -459,7 +459,8 @@ def test_latent_whitening_changes_coordinates_not_videos():
 
 def test_latent_whitening_floor_caps_the_gain():
     from sorakit.export.models import build
-    from sorakit.train.recipe import tiny_shapes_preset, whiten_latents
+    from sorakit.train.config import tiny_shapes_preset
+    from sorakit.train.vae import whiten_latents
 
     vae = build("vae", tiny_shapes_preset()).float().eval()
     rng = np.random.default_rng(1)

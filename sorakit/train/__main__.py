@@ -9,7 +9,8 @@ import dataclasses
 # another busy process shares the cores (measured: DiT step 1.4 s instead of 17 s); on an idle
 # 2-core machine it costs (DiT step 1.2 s instead of 0.9 s, frame encoding 2x slower).
 from sorakit.presets import shapes_preset
-from sorakit.train.recipe import RecipeConfig, run, tiny_config, tiny_shapes_preset
+from sorakit.train.config import RecipeConfig, tiny_config, tiny_shapes_preset
+from sorakit.train.recipe import run
 
 
 def main(argv: list[str] | None = None) -> None:

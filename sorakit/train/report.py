@@ -120,8 +120,8 @@ def direction_probe(models: TorchModels, seeds: int = 8, clips: int = 960) -> di
     and the data's mean latent, and the T5 output's relative change per token position for a
     direction swap and a colour swap.
     """
+    from sorakit.train.common import to_unit
     from sorakit.train.data import make_dataset
-    from sorakit.train.recipe import to_unit
 
     pipe, p = ReferencePipeline(models), models.preset
     dirs = ("left", "right", "up", "down")
@@ -269,7 +269,7 @@ def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False,
     ``seeds`` > 1 also samples the prompts with noise seeds 1 .. seeds-1: one seed's 24 videos
     move by a couple of prompts from seed to seed, the mean over several is steadier.
     """
-    from sorakit.train.recipe import text_sensitivity, velocity_cosines
+    from sorakit.train.dit import text_sensitivity, velocity_cosines
 
     models = load_shipped(model_dir)
     score, videos = adherence(models)
