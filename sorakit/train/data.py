@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sorakit.adherence import BACKGROUND_WORDS, BACKGROUNDS, COLOURS, DIRECTIONS, SHAPE_WORDS, SHAPES
+from sorakit.adherence import (
+    BACKGROUND_WORDS,
+    BACKGROUNDS,
+    COLOURS,
+    DIRECTIONS,
+    SHAPE_WORDS,
+    SHAPES,
+    shape_coverage,
+)
 
 NUM_FRAMES = 17
 SIZE = 64
@@ -97,26 +105,6 @@ def sample_motion(rng: np.random.Generator, direction: str, size: int = SIZE) ->
     across = float(rng.uniform(margin, size - margin))
     start = (along, across) if dx != 0 else (across, along)
     return MotionSpec(half, travel, start)
-
-
-def shape_coverage(shape: str, px: np.ndarray, py: np.ndarray, cx: float, cy: float, half: float) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1] from a signed distance (one-pixel soft edge)."""
-    dx, dy = px - cx, py - cy
-    if shape == "circle":
-        sdf = np.hypot(dx, dy) - half
-    elif shape == "square":
-        sdf = np.maximum(np.abs(dx), np.abs(dy)) - half * 0.9
-    elif shape == "diamond":
-        sdf = (np.abs(dx) + np.abs(dy) - half * 1.3) / np.sqrt(2.0)
-    elif shape == "triangle":  # pointing up, centred on its incentre
-        r_in = half * 0.65
-        n1 = dy  # bottom edge, outward normal (0, 1)
-        n2 = -0.5 * dy + 0.8660254 * dx
-        n3 = -0.5 * dy - 0.8660254 * dx
-        sdf = np.maximum(np.maximum(n1, n2), n3) - r_in
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    return np.clip(0.5 - sdf, 0.0, 1.0)
 
 
 def render(
