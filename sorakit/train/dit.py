@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sorakit.adherence import EVAL_PROMPTS, score_set
+from sorakit.adherence import ATTRIBUTES, EVAL_PROMPTS, describe, score_set
 from sorakit.export.models import TorchModels
 from sorakit.export.reference import ReferencePipeline
 from sorakit.export.sampler import timestep_transform
@@ -251,23 +251,17 @@ def train_dit(
                 eval_models = TorchModels(preset, ema_t5.module, ema_dit.module, models.vae, models.tokenizer_file)
                 s = evaluate(eval_models, cfg)
                 sens = text_sensitivity(eval_models)
+                scores = {key: s[key] for key, _, _ in ATTRIBUTES}
                 log.info(
-                    f"eval @ {step + 1}: colour {s['colour_acc']:.0%} direction {s['direction_acc']:.0%} "
-                    f"(text sensitivity by t: {sens})"
+                    f"eval @ {step + 1}: {describe(s)} (text sensitivity by t: {sens})"
                 )
-                log.event(
-                    "eval",
-                    step=step + 1,
-                    colour_acc=s["colour_acc"],
-                    direction_acc=s["direction_acc"],
-                    text_sensitivity=sens,
-                )
+                log.event("eval", step=step + 1, **scores, text_sensitivity=sens)
                 if checkpoint_dir is not None:
                     ck = checkpoint_dir / f"step{step + 1}"
                     for name, module in (("text_encoder", ema_t5.module), ("transformer", ema_dit.module)):
                         save_fp16(module, ck / name, name)
                     (ck / "eval.json").write_text(
-                        json.dumps({k: s[k] for k in ("colour_acc", "direction_acc", "both_acc")} | {"step": step + 1})
+                        json.dumps(scores | {"both_acc": s["both_acc"], "step": step + 1})
                     )
                 if on_eval is not None:
                     on_eval(step + 1, s)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sorakit.adherence import EVAL_PROMPTS
+from sorakit.adherence import ATTRIBUTES, EVAL_PROMPTS, describe
 from sorakit.export.models import TorchModels, build, load
 from sorakit.presets import ModelPreset
 from sorakit.presets import shapes_preset as default_shapes_preset
@@ -142,7 +142,7 @@ def run(
     (out / "training.json").write_text(json.dumps(record, indent=1))
     a = record["adherence"]
     log.info(
-        f"done in {record['minutes']} min: colour {a['colour_acc']:.0%}, direction {a['direction_acc']:.0%}; "
+        f"done in {record['minutes']} min: {describe(a)}; "
         f"files {sum(sizes.values()) / 1e6:.1f} MB"
     )
     return record
@@ -262,8 +262,7 @@ def final_record(
             "cfg_scale": cfg.eval_cfg,
             "guidance_max_t": preset.sampler.guidance_max_t,
             "seed": cfg.eval_seed,
-            "colour_acc": final["colour_acc"],
-            "direction_acc": final["direction_acc"],
+            **{key: final[key] for key, _, _ in ATTRIBUTES},
             "both_acc": final["both_acc"],
         },
         "velocity_cosine_mean": [round(float(c), 5) for c in cos.mean(axis=0)],
