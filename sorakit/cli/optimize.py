@@ -78,6 +78,8 @@ def optimize(
                 console.print(f"  quality gate skipped: {gt['skipped']}")
             else:
                 verdict = "passed" if gt["passed"] else "FAILED (forced)"
+                right = ", ".join(f"{k} {v['before']} -> {v['after']}" for k, v in gt.get("adherence", {}).items())
                 console.print(f"  quality gate ({gt['compared']}): mean SSIM {gt['value']:.4f} (min {gt['min']:.4f}), "
-                              f"PSNR {gt['psnr_db']:.1f} dB, threshold {gt['threshold']} -> {verdict}")
+                              f"PSNR {gt['psnr_db']:.1f} dB, threshold {gt['threshold']}; prompts followed "
+                              f"(of {len(gt['prompts'])}): {right} -> {verdict}")
     console.print(f"wrote {out}")
