@@ -24,6 +24,8 @@ from sorakit.adherence import (
     EVAL_SEED,
     EVAL_SEEDS,
     EVAL_STEPS,
+    SELECTION_PROMPTS,
+    SELECTION_SEEDS,
     STEADINESS,
     score_set,
     seed_summary,
@@ -49,9 +51,11 @@ def load_shipped(model_dir: str | Path = SHIPPED_DIR) -> TorchModels:
 
 
 def adherence(
-    models: TorchModels, steps: int = EVAL_STEPS, cfg_scale: float = EVAL_CFG, seed: int = EVAL_SEED
+    models: TorchModels, steps: int = EVAL_STEPS, cfg_scale: float = EVAL_CFG, seed: int = EVAL_SEED,
+    prompts: tuple[str, ...] = EVAL_PROMPTS,
 ) -> tuple[dict, np.ndarray]:
-    prompts = list(EVAL_PROMPTS)
+    """The prompts sampled as one batch from ``seed`` and scored, and the videos."""
+    prompts = list(prompts)
     res = ReferencePipeline(models)(prompts, seed=seed, steps=steps, cfg_scale=cfg_scale)
     return score_set(res.video, prompts), res.video
 
@@ -223,15 +227,28 @@ def check_same_encoder(a: Path, b: Path) -> None:
             raise ValueError(f"{b}: {key} differs from the run's VAE; only decoder weights may change")
 
 
-def scores_by_seed(models: TorchModels, seeds, say=print) -> tuple[list[dict], np.ndarray]:
-    """The evaluation prompts scored per noise seed (every attribute) and the first seed's videos."""
+def scores_by_seed(models: TorchModels, seeds, say=print, prompts=EVAL_PROMPTS) -> tuple[list[dict], np.ndarray]:
+    """The prompts scored per noise seed (every attribute) and the first seed's videos."""
     rows, first = [], None
     for seed in seeds:
-        s, videos = adherence(models, seed=seed)
+        s, videos = adherence(models, seed=seed, prompts=prompts)
         first = videos if first is None else first
         rows.append({"seed": seed} | {k: s[k] for k, _, _ in ATTRIBUTES})
         say(f"  seed {seed}: " + ", ".join(f"{name} {s[k]:.1%}" for k, name, _ in ATTRIBUTES))
     return rows, first
+
+
+def selection(model_dir: Path, guidance: list[float | None]) -> dict:
+    """Scores on the selection prompts and seeds (for choices; never the evaluation set), per
+    guidance interval (None: CFG at every step)."""
+    models = load_shipped(model_dir)
+    out = {}
+    for g in guidance:
+        print(f"selection set, seeds {SELECTION_SEEDS}, CFG {EVAL_CFG:g} at t <= {g or 1000:g}:")
+        rows, _ = scores_by_seed(with_sampler(models, guidance_max_t=g), SELECTION_SEEDS, prompts=SELECTION_PROMPTS)
+        out[str(g)] = seed_summary(rows)
+        print("  mean: " + ", ".join(f"{k.removesuffix('_acc')} {v['mean']:.1%}" for k, v in out[str(g)].items()))
+    return out
 
 
 def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False, seeds: int = len(EVAL_SEEDS)) -> dict:
@@ -318,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
         help="rewrite the shipped model's figures block in this Markdown file from its training.json "
         "(alone: without sampling anything)",
     )
+    ap.add_argument("--selection", default=None, metavar="T,T,...",
+                    help="score --model on the selection prompts and seeds for these guidance intervals (1000: every step)")
     args = ap.parse_args(argv)
 
     def write_doc() -> None:
@@ -332,7 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     def run(model_dir: Path) -> dict:
         return measure(model_dir, img, args.diagnostics, args.seeds)
 
-    if args.ship:
+    if args.selection:
+        guidance = [None if float(v) >= 1000 else float(v) for v in args.selection.split(",")]
+        out = selection(Path(args.model), guidance)
+    elif args.ship:
         out = ship(args.ship, run, args.checkpoint, vae_dir=args.vae)["measured"]
         print(f"shipped {args.ship} ({args.checkpoint or 'final'}) to {SHIPPED_DIR}")
     elif args.remeasure:
