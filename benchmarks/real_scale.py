@@ -60,8 +60,8 @@ def _chain_inputs(manifest, seed=0):
 
 def child_ort(bundle: str, threads: int, budget: int | None = None, tdtm: bool = False, steps: int = 2) -> dict:
     from sorakit.bundle.io import Bundle
-    from sorakit.devices.profiles import get_profile
-    from sorakit.runtime.memory import PeakRSS, rss_bytes
+    from sorakit.memory import PeakRSS, rss_bytes
+    from sorakit.profiles import get_profile
     from sorakit.runtime.scheduler import BlockScheduler
     from sorakit.runtime.session import SessionFactory, SessionOptions, plan_providers
 
@@ -99,8 +99,8 @@ def child_torch(threads: int, resolution: list[int], frames: int, preset: str = 
     import torch
 
     from sorakit.export import models
+    from sorakit.memory import PeakRSS, rss_bytes
     from sorakit.presets import get_preset
-    from sorakit.runtime.memory import PeakRSS, rss_bytes
 
     torch.set_num_threads(threads)
     preset = get_preset(preset)

@@ -11,8 +11,8 @@ import pytest
 from conftest import copy_bundle
 
 from sorakit.errors import BudgetError, BundleError, ProviderError, SorakitError
+from sorakit.memory import rss_bytes
 from sorakit.runtime import Pipeline
-from sorakit.runtime.memory import rss_bytes
 
 BLOCK_TORCH = textwrap.dedent("""
     import sys, importlib.abc
@@ -28,7 +28,7 @@ def test_runtime_runs_without_torch(tiny_bundle, tmp_path):
     out = tmp_path / "v.mp4"
     script = BLOCK_TORCH + textwrap.dedent(f"""
         from sorakit.runtime import Pipeline, save_video
-        import sorakit.devices.profiles, sorakit.bundle, sorakit.graph_passes.flops, sorakit.cli.main
+        import sorakit.profiles, sorakit.bundle, sorakit.graph_passes.flops, sorakit.cli.main
         try:
             import torch
             raise SystemExit('torch imported')

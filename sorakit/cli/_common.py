@@ -54,10 +54,3 @@ def parse_resolution(text: str) -> tuple[int, int]:
     except ValueError:
         raise SorakitError(f"resolution {text!r} is not HEIGHTxWIDTH, e.g. 256x256") from None
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)

@@ -16,24 +16,9 @@ from sorakit.errors import SorakitError
 def _bundle_or_default(bundle: Path | None) -> tuple[Path, bool]:
     if bundle is not None:
         return bundle, False
-    from sorakit.cli.default_model import default_bundle
+    from sorakit.runtime.default_model import default_bundle
 
-    return default_bundle(), True
-
-
-def _torch_spec(bundle: Path) -> dict | None:
-    """How the torch row rebuilds the bundle's model: its checkpoints, or the same random weights."""
-    from sorakit.bundle.io import Bundle
-
-    m = Bundle.open(bundle).manifest
-    weights = m.export.get("weights", {})
-    if set(weights) != {"text_encoder", "transformer", "vae"}:
-        return None
-    if all(str(w).startswith("random:") for w in weights.values()):
-        return {"preset": m.preset["name"], "seed_weights": int(str(weights["transformer"]).split(":")[1])}
-    if any(str(w).startswith("random:") for w in weights.values()):
-        return None
-    return {"preset": m.preset["name"], "checkpoints": weights, "tokenizer": str(bundle / m.tokenizer["file"])}
+    return default_bundle(notice=lambda msg: err_console.print(f"note: {msg}", highlight=False, markup=False)), True
 
 
 def bench(
@@ -50,13 +35,10 @@ def bench(
     from sorakit.evaluation.bench import BenchSettings, run_bench
     from sorakit.evaluation.report import bench_chart, bench_markdown, write
 
-    bundle, _ = _bundle_or_default(bundle)
-    spec = _torch_spec(bundle) if torch_row else None
-    if torch_row and spec is None:
-        err_console.print("note: no torch row (the bundle's weights cannot be rebuilt in torch)")
     if rounds < 1:
         raise SorakitError(f"--rounds must be at least 1, got {rounds}")
-    settings = BenchSettings(prompt=prompt, steps=steps, threads=threads, torch_spec=spec, rounds=rounds)
+    bundle, _ = _bundle_or_default(bundle)
+    settings = BenchSettings(prompt=prompt, steps=steps, threads=threads, torch_row=torch_row, rounds=rounds)
     res = run_bench(bundle, settings, work, progress=lambda s: err_console.print(f"[dim]{s}[/]"))
     cmd = "sorakit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = bench_markdown(res, cmd)

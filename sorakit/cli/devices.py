@@ -9,15 +9,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from sorakit.cli._common import BundleArg, JsonOpt, console, err_console, human_bytes, print_json, progress_bar
+from sorakit.cli._common import BundleArg, JsonOpt, console, err_console, print_json, progress_bar
 from sorakit.errors import SorakitError
+from sorakit.units import human_bytes
 
 DeviceReq = Annotated[str, typer.Option("--device", help="Device profile: cpu, iphone-15-pro, mac, android (or a .toml)")]
 
 
 def devices(as_json: JsonOpt = False) -> None:
     """List the device profiles: budget, execution providers, shapes, precision, optimize passes."""
-    from sorakit.devices.profiles import all_profiles
+    from sorakit.profiles import all_profiles
 
     profiles = all_profiles()
     if as_json:

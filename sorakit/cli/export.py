@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from sorakit.cli._common import BundleArg, JsonOpt, console, human_bytes, parse_resolution, print_json, progress_bar
+from sorakit.cli._common import BundleArg, JsonOpt, console, parse_resolution, print_json, progress_bar
 from sorakit.errors import SorakitError
 from sorakit.presets import PRESETS
+from sorakit.units import human_bytes
 
 COMPONENT_NAMES = ("text_encoder", "transformer", "vae")
 

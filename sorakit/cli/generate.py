@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from sorakit.cli._common import DeviceOpt, JsonOpt, console, err_console, human_bytes, print_json, progress_bar
+from sorakit.cli._common import DeviceOpt, JsonOpt, console, err_console, print_json, progress_bar
 from sorakit.errors import SorakitError
+from sorakit.units import human_bytes
 
 
 def generate(
@@ -44,15 +45,9 @@ def generate(
     LPL.parse(lpl)  # fail on a bad setting before loading anything
     using_default = bundle is None
     if using_default:
-        from sorakit.cli.default_model import default_bundle
+        from sorakit.runtime.default_model import default_bundle
 
-        with progress_bar(transient=True) as bar:
-            task = bar.add_task("preparing the default model", total=None)
-
-            def on_export(component, i, n, result):
-                bar.update(task, description=f"exporting {component}", completed=i, total=n)
-
-            bundle = default_bundle(progress=on_export)
+        bundle = default_bundle(notice=lambda msg: err_console.print(f"note: {msg}", highlight=False, markup=False))
 
     pipe = Pipeline.from_bundle(bundle, device=device, memory_budget=memory_budget, strict=strict,
                                 threads=threads, prefetch=prefetch)
@@ -70,7 +65,7 @@ def generate(
     pipe.close()
     notes = list(result.notes)
     if using_default and any("unknown to the tokenizer" in n for n in notes):
-        from sorakit.cli.default_model import DEFAULT_MODEL_NOTE
+        from sorakit.runtime.default_model import DEFAULT_MODEL_NOTE
 
         notes.append(DEFAULT_MODEL_NOTE)
     summary = {

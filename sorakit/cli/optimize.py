@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from sorakit.cli._common import BundleArg, JsonOpt, console, human_bytes, parse_resolution, print_json, progress_bar
+from sorakit.cli._common import BundleArg, JsonOpt, console, err_console, parse_resolution, print_json, progress_bar
 from sorakit.errors import SorakitError
+from sorakit.units import human_bytes
 
 
 def optimize(
@@ -30,17 +31,18 @@ def optimize(
     """Rewrite a bundle's graphs: TDTM, pruning, precision, shape pinning."""
     from sorakit.bundle.io import Bundle
     from sorakit.graph_passes.pipeline import optimize_bundle
+    from sorakit.graph_passes.registry import plan_passes
+    from sorakit.profiles import get_profile
 
-    names: list[str] = [p.strip() for p in passes.split(",") if p.strip()] if passes else []
-    if device:
-        from sorakit.devices.profiles import get_profile
-
-        profile = get_profile(device)
-        names += [p for p in profile.optimize_passes if p not in names]
-        if profile.static_shapes and not Bundle.open(bundle).manifest.static and "pin" not in names:
-            names.insert(0, "pin")
-    if not names:
-        raise SorakitError("no passes given: use --passes NAME[,NAME...] or --device NAME")
+    plan = plan_passes(Bundle.open(bundle).manifest, passes, get_profile(device) if device else None)
+    if plan.already:
+        err_console.print(f"note: the bundle already carries {', '.join(plan.already)} of device {device!r}; "
+                          "applying the rest", highlight=False)
+    if not plan.apply:
+        err_console.print(f"nothing to do: {bundle} already carries every pass of device {device!r}; use it as it is",
+                          highlight=False)
+        return
+    names = plan.apply
     gates = {}
     for g in gate or []:
         key, _, val = g.partition("=")

@@ -32,8 +32,8 @@ import onnxruntime as ort
 from onnx import TensorProto
 
 from sorakit.devices._ort_tools import ensure_ort_tools_without_torch
-from sorakit.devices.profiles import DeviceProfile, get_profile
 from sorakit.errors import SorakitError
+from sorakit.profiles import DeviceProfile, get_profile
 
 log = logging.getLogger(__name__)
 

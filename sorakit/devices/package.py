@@ -39,8 +39,8 @@ import onnxruntime as ort
 from sorakit.bundle.io import Bundle, sha256_file
 from sorakit.bundle.manifest import GraphEntry, Manifest, TensorSpec
 from sorakit.devices._ort_tools import ensure_ort_tools_without_torch
-from sorakit.devices.profiles import DeviceProfile, get_profile
 from sorakit.errors import SorakitError, VerificationError
+from sorakit.profiles import DeviceProfile, get_profile
 
 PACKAGE_FORMAT = "sorakit-package"
 PACKAGE_VERSION = 1

@@ -40,7 +40,7 @@ class BenchSettings:
     leap_at: int | None = None  # default: half the steps (the paper's 15 of 30)
     tdtm_steps: int | None = None  # default: half the steps
     budget_fraction: float = 0.4
-    torch_spec: dict[str, Any] | None = None  # how the torch row loads its models; None: no torch row
+    torch_row: bool = True  # include the torch eager row when the bundle's weights can be rebuilt in torch
     rows: list[str] = field(default_factory=lambda: ["torch", "ort", "lpl", "tdtm", "cidl", "int8", "all"])
     # every row runs once per round (a fresh process each time); a row keeps its fastest round, so
     # a slow spell of a shared machine cannot land on one row only
@@ -66,21 +66,44 @@ def _subprocess(module: str, spec: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def torch_spec(bundle: Bundle) -> dict | None:
+    """How the torch row rebuilds a bundle's model: from its checkpoints, the shipped model's
+    safetensors, or the same random weights; None when it cannot (e.g. mixed sources)."""
+    m = bundle.manifest
+    weights = {c: str(w) for c, w in m.export.get("weights", {}).items()}
+    if set(weights) != {"text_encoder", "transformer", "vae"}:
+        return None
+    kinds = {w.split(":")[0] if w.startswith(("random:", "shipped:")) else "path" for w in weights.values()}
+    if kinds == {"random"}:
+        seeds = {w.split(":", 1)[1] for w in weights.values()}
+        return {"preset": m.preset["name"], "seed_weights": int(seeds.pop())} if len(seeds) == 1 else None
+    if kinds == {"shipped"}:
+        from sorakit.runtime.default_model import SHIPPED
+
+        weights = {c: str(SHIPPED / c) for c in weights}
+    elif kinds != {"path"}:
+        return None
+    return {"preset": m.preset["name"], "checkpoints": weights, "tokenizer": str(bundle.path(m.tokenizer["file"]))}
+
+
 def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = None,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    from sorakit.runtime.scheduler import minimum_budget
+
     bundle = Path(bundle)
-    m = Bundle.open(bundle).manifest
+    opened = Bundle.open(bundle)
+    m = opened.manifest
+    spec_torch = torch_spec(opened) if settings.torch_row else None
+    if settings.torch_row and spec_torch is None and progress:
+        progress("no torch row: the bundle's weights cannot be rebuilt in torch")
     wd = WorkDir(work)
     work = wd.path
-    bundles = {"fp32": bundle, "tdtm": variant_bundle(bundle, work, ["tdtm"], progress),
-               "tdtm_int8": variant_bundle(bundle, work, ["tdtm", "int8"], progress)}
+    applied = [p["name"] for p in m.passes]
+    bundles = {"fp32": bundle, "tdtm": variant_bundle(bundle, work, ["tdtm"], progress, applied),
+               "tdtm_int8": variant_bundle(bundle, work, ["tdtm", "int8"], progress, applied)}
     transformer_bytes = sum(m.files[f]["bytes"] for g in m.components["transformer"].graphs for f in g.files())
     budget = int(settings.budget_fraction * transformer_bytes)
-    from sorakit.runtime.pipeline import Pipeline
-
-    probe = Pipeline.from_bundle(bundle, memory_budget="unlimited", verify=False)
-    minimum = probe.scheduler.minimum_budget(m.all_graphs())
-    probe.close()
+    minimum = minimum_budget(opened, m.all_graphs())
     budget_note = ""
     if budget < minimum:  # e.g. a model whose VAE blocks outweigh 40 % of its transformer
         budget_note = (f"{settings.budget_fraction:.0%} of the transformer ({budget / 1e6:.1f} MB) is below the "
@@ -104,9 +127,9 @@ def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = N
         for key in s.rows:
             frames = str(work / f"frames_{key}.npy")
             if key == "torch":
-                if s.torch_spec is None:
+                if spec_torch is None:
                     continue
-                spec = {**common, **s.torch_spec, "name": ROW_TITLES[key]}
+                spec = {**common, **spec_torch, "name": ROW_TITLES[key]}
                 module = "sorakit.export.bench_torch"
             else:
                 spec = {**common, **specs[key], "name": ROW_TITLES[key]}
@@ -144,7 +167,7 @@ def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = N
         "bundle": str(bundle),
         "preset": m.preset["name"],
         "geometry": m.geometry,
-        "settings": {k: v for k, v in s.__dict__.items() if k != "torch_spec"},
+        "settings": dict(s.__dict__),
         "memory_budget_bytes": budget,
         "memory_budget_note": budget_note,
         "transformer_bytes": transformer_bytes,

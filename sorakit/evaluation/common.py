@@ -32,14 +32,17 @@ def variant_key(bundle: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def variant_bundle(bundle: Path, work: Path, passes: list[str], say: Callable[[str], None] | None = None) -> Path:
+def variant_bundle(bundle: Path, work: Path, passes: list[str], say: Callable[[str], None] | None = None,
+                   applied: list[str] | None = None) -> Path:
     """``bundle`` with ``passes`` applied (ungated: bench and eval measure the effect themselves),
     made once into ``work`` and reused while the source bundle and the pass code are the same;
-    passes the bundle already carries are skipped."""
-    from sorakit.bundle.io import Bundle
+    passes the bundle already carries (``applied``, read from it when not given) are skipped."""
     from sorakit.graph_passes.pipeline import optimize_bundle
 
-    applied = {p["name"] for p in Bundle.open(bundle).manifest.passes}
+    if applied is None:
+        from sorakit.bundle.io import Bundle
+
+        applied = [p["name"] for p in Bundle.open(bundle).manifest.passes]
     todo = [p for p in passes if p not in applied]
     if not todo:
         return bundle

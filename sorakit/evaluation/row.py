@@ -17,7 +17,7 @@ import numpy as np
 
 
 def run_row(spec: dict) -> dict:
-    from sorakit.runtime.memory import PeakRSS, rss_bytes
+    from sorakit.memory import PeakRSS, rss_bytes
     from sorakit.runtime.pipeline import Pipeline
 
     base = rss_bytes()

@@ -18,8 +18,8 @@ import torch
 from sorakit.export.models import TorchModels
 from sorakit.export.reference import ReferencePipeline
 from sorakit.export.sampler import rflow_sample
+from sorakit.memory import PeakRSS, rss_bytes
 from sorakit.presets import get_preset
-from sorakit.runtime.memory import PeakRSS, rss_bytes
 from sorakit.runtime.sampler import initial_noise, to_uint8_video
 
 

@@ -33,8 +33,8 @@ from sorakit.export import models
 from sorakit.export.checkpoint import load_module
 from sorakit.export.init import constructor_values, random_state_dict
 from sorakit.export.pieces import PieceSpec, text_encoder_plan, transformer_plan, vae_plan
+from sorakit.memory import release_memory
 from sorakit.presets import ModelPreset, check_geometry, decode_chunks
-from sorakit.runtime.memory import release_memory
 from sorakit.runtime.sampler import initial_noise
 
 log = logging.getLogger(__name__)

@@ -130,11 +130,13 @@ def save_shared(ws: Workspace, base: onnx.ModelProto, base_rel: str, data_rel: s
 
 
 class GraphPass:
-    """Base class. Subclasses set ``name``, ``order`` and implement ``targets``/``rewrite``."""
+    """Base class. Subclasses set ``name``, ``order`` (and ``lossy`` + ``gate`` for a lossy pass),
+    implement ``targets``/``rewrite``, and register with ``@registry.register``."""
 
     name: ClassVar[str] = ""
     order: ClassVar[int] = 0  # canonical position in a pipeline (pin < tdtm < prune < fp16/int8)
-    lossy: ClassVar[bool] = False
+    lossy: ClassVar[bool] = False  # exact passes are verified graph by graph; lossy ones by the gate
+    gate: ClassVar[float | None] = None  # lossy passes: the default minimum mean SSIM of the gate
     requires_static: ClassVar[bool] = False
 
     def __init__(self, **settings: Any):

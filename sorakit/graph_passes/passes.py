@@ -1,4 +1,4 @@
-"""The passes: pin, tdtm, prune, simplify, fp16, int8 (registry at the bottom)."""
+"""The built-in passes: pin, tdtm, prune, simplify, fp16, int8 (each registers itself in ``registry``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sorakit.graph_passes import tdtm as tdtm_mod
 from sorakit.graph_passes.base import GraphChange, GraphPass, Workspace, new_name, save_shared
 from sorakit.graph_passes.flops import count_flops
 from sorakit.graph_passes.onnx_utils import clear_shapes, static_shapes, toposort
+from sorakit.graph_passes.registry import register
 from sorakit.presets import ModelPreset, decode_chunks
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,14 @@ def _all(manifest: Manifest, components=None, variants: bool = True) -> list[tup
 # ---------------------------------------------------------------------------------------------
 # tdtm
 # ---------------------------------------------------------------------------------------------
+@register
 class TDTMPass(GraphPass):
     """Add a TDTM variant to every transformer block graph (sharing its weight file)."""
 
     name = "tdtm"
     order = 20
     lossy = True
+    gate = 0.50  # TDTM for half the steps vs none; what it costs is measured by `sorakit eval`
     requires_static = True
 
     def __init__(self, positions: str = "midpoint", scope: str = "attention", **kw: Any):
@@ -244,6 +247,7 @@ def _drop_dead(g: onnx.GraphProto) -> bool:
     return changed
 
 
+@register
 class PrunePass(GraphPass):
     """Exact clean-up after structural surgery; never touches the weights (variants keep sharing)."""
 
@@ -281,6 +285,7 @@ def _rewrite_each(ws: Workspace, entry: GraphEntry, tag: str, transform, new_dat
     return changes
 
 
+@register
 class SimplifyPass(GraphPass):
     """onnxsim (constant folding and its fusions). Rewrites weights, so TDTM variants get their own copy."""
 
@@ -387,6 +392,7 @@ def _unique_node_names(g: onnx.GraphProto) -> None:
             seen[n.name] = 0
 
 
+@register
 class FP16Pass(_PrecisionPass):
     """fp16 weights and compute, with fp32 islands (softmax, normalisation) and fp32 I/O.
 
@@ -396,6 +402,7 @@ class FP16Pass(_PrecisionPass):
     name = "fp16"
     order = 40
     lossy = True
+    gate = 0.95
     components = ("transformer", "vae")
     tag = "fp16"
 
@@ -409,12 +416,14 @@ class FP16Pass(_PrecisionPass):
         return converted
 
 
+@register
 class Int8Pass(_PrecisionPass):
     """Dynamic int8 weight quantisation (QInt8) of MatMul weights; activations quantised at run time."""
 
     name = "int8"
     order = 40
     lossy = True
+    gate = 0.90
     components = ("transformer", "text_encoder")
     tag = "int8"
 
@@ -444,6 +453,7 @@ class Int8Pass(_PrecisionPass):
 # ---------------------------------------------------------------------------------------------
 # pin: dynamic -> static shapes
 # ---------------------------------------------------------------------------------------------
+@register
 class PinPass(GraphPass):
     """Fix every dynamic dimension for one resolution and frame count (Core ML wants static shapes)."""
 
@@ -534,19 +544,4 @@ class PinPass(GraphPass):
                 n, preset.vae.micro_frame_size, preset.vae.temporal.time_downsample)
 
 
-PASSES: dict[str, type[GraphPass]] = {
-    p.name: p for p in (PinPass, TDTMPass, PrunePass, SimplifyPass, FP16Pass, Int8Pass)
-}
-
-
-def parse_passes(spec: str | list[str]) -> list[str]:
-    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    unknown = [n for n in names if n not in PASSES]
-    if unknown:
-        raise SorakitError(f"unknown pass {unknown[0]!r}; known passes: {', '.join(PASSES)}")
-    if len(set(names)) != len(names):
-        raise SorakitError(f"a pass is listed twice: {names}")
-    return sorted(names, key=lambda n: PASSES[n].order)
-
-
-__all__ = ["PASSES", "parse_passes", "prune_model"]
+__all__ = ["prune_model"]

@@ -24,9 +24,8 @@ from sorakit.bundle.io import Bundle, BundleStaging, file_record
 from sorakit.bundle.manifest import GraphEntry, Manifest
 from sorakit.errors import SorakitError, VerificationError
 from sorakit.graph_passes.base import PassRecord, Workspace
-from sorakit.graph_passes.passes import PASSES, parse_passes
+from sorakit.graph_passes.registry import get, parse_passes
 
-DEFAULT_GATES = {"fp16": 0.95, "int8": 0.90, "tdtm": 0.50}
 GATE_PROMPTS = ("a red circle moving right on a black background", "a blue square moving up on a white background")
 EXACT_TOL = 1e-4  # relative to max(1, max |reference|)
 
@@ -58,7 +57,7 @@ def optimize_bundle(
         raise SorakitError("--out must differ from the input bundle (the input is never modified)")
     bundle = Bundle.open(src, verify="full")
     manifest = copy.deepcopy(bundle.manifest)
-    objs = [PASSES[n](**(settings or {}).get(n, {})) for n in names]
+    objs = [get(n)(**(settings or {}).get(n, {})) for n in names]
     state = copy.deepcopy(manifest)  # dry run of the checks, so nothing is written for a refused pipeline
     for p in objs:
         p.check(state)
@@ -73,7 +72,7 @@ def optimize_bundle(
         shutil.copy2(bundle.path(rel), dst)  # a copy: onnx refuses hard-linked external data
     ws = Workspace(staging.dir)
     report = OptimizeReport(out)
-    gates = {**DEFAULT_GATES, **(gates or {})}
+    gates = {**{p.name: p.gate for p in objs if p.lossy}, **(gates or {})}
     try:
         for p in objs:
             before = copy.deepcopy(manifest)

@@ -24,10 +24,10 @@ import numpy as np
 
 from sorakit.bundle.io import Bundle
 from sorakit.bundle.manifest import GraphEntry
-from sorakit.devices.profiles import DeviceProfile, get_profile, parse_bytes
 from sorakit.errors import SorakitError
+from sorakit.memory import available_memory
 from sorakit.presets import ModelPreset, check_geometry, decode_chunks
-from sorakit.runtime.memory import available_memory
+from sorakit.profiles import DeviceProfile, get_profile
 from sorakit.runtime.sampler import (
     LPL,
     SampleReport,
@@ -40,6 +40,7 @@ from sorakit.runtime.sampler import (
 from sorakit.runtime.scheduler import BlockScheduler, SchedulerStats
 from sorakit.runtime.session import SessionFactory, SessionOptions, plan_providers
 from sorakit.tokenizer import PromptTokenizer
+from sorakit.units import parse_bytes
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,9 @@ import numpy as np
 from sorakit.bundle.io import Bundle
 from sorakit.bundle.manifest import GraphEntry
 from sorakit.errors import BudgetError, SorakitError
-from sorakit.runtime.memory import PeakRSS, bound_heap, release_memory, rss_bytes
+from sorakit.memory import PeakRSS, bound_heap, release_memory, rss_bytes
 from sorakit.runtime.session import SessionFactory
+from sorakit.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,24 @@ class GraphCost:
     @property
     def estimate(self) -> int:
         return self.resident if self.resident is not None else self.file_bytes
+
+
+def io_estimate(g: GraphEntry) -> int:
+    """Working memory of a graph before it has run: four times its static inputs and outputs."""
+    io = 0
+    for t in g.inputs + g.outputs:
+        if all(isinstance(d, int) for d in t.shape):
+            io += int(np.prod(t.shape)) * (8 if t.dtype == "int64" else 4)
+    return 4 * io
+
+
+def graph_bytes(bundle: Bundle, g: GraphEntry) -> int:
+    return sum(bundle.path(f).stat().st_size for f in g.files())
+
+
+def minimum_budget(bundle: Bundle, graphs: list[GraphEntry]) -> int:
+    """The smallest budget that runs these graphs one at a time, before anything was measured."""
+    return max(graph_bytes(bundle, g) + io_estimate(g) for g in graphs)
 
 
 @dataclass
@@ -128,18 +147,12 @@ class BlockScheduler:
         self._peak = PeakRSS()
         self.stats = SchedulerStats()
         for g in bundle.manifest.all_graphs():
-            self.costs[g.name] = GraphCost(sum(bundle.path(f).stat().st_size for f in g.files()))
+            self.costs[g.name] = GraphCost(graph_bytes(bundle, g))
 
     # -- budget planning -----------------------------------------------------------------------
     def working_estimate(self, g: GraphEntry) -> int:
         c = self.costs[g.name]
-        if c.working is not None:
-            return c.working
-        io = 0
-        for t in g.inputs + g.outputs:
-            if all(isinstance(d, int) for d in t.shape):
-                io += int(np.prod(t.shape)) * (8 if t.dtype == "int64" else 4)
-        return 4 * io
+        return c.working if c.working is not None else io_estimate(g)
 
     def minimum_budget(self, graphs: list[GraphEntry]) -> int:
         """The smallest budget that runs these graphs one at a time."""
@@ -152,9 +165,9 @@ class BlockScheduler:
         if self.budget < need:
             largest = max(graphs, key=lambda g: self.costs[g.name].estimate)
             raise BudgetError(
-                f"memory budget {fmt_bytes(self.budget)} is below the largest block ({largest.name}, "
-                f"{fmt_bytes(self.costs[largest.name].estimate)} plus working memory); the smallest workable budget "
-                f"is about {fmt_bytes(need)}"
+                f"memory budget {human_bytes(self.budget)} is below the largest block ({largest.name}, "
+                f"{human_bytes(self.costs[largest.name].estimate)} plus working memory); the smallest workable budget "
+                f"is about {human_bytes(need)}"
             )
 
     def set_usage(self, usage: dict[str, int], order: list[GraphEntry], active: list[GraphEntry] | None = None) -> None:
@@ -362,10 +375,3 @@ class BlockScheduler:
             self._release(name)
         self.resident.clear()
 
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n}"

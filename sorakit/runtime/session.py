@@ -14,8 +14,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from sorakit.devices.profiles import DeviceProfile
 from sorakit.errors import ProviderError
+from sorakit.profiles import DeviceProfile
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
-"""Process memory: resident set size, its peak, and giving freed heap back to the OS.
+"""Process memory: resident set size, its peak, available memory, and giving freed heap back.
 
-Linux reads /proc (VmHWM can be reset by writing 5 to /proc/self/clear_refs); elsewhere the
-peak falls back to a sampling thread. Standard library only.
+Portable through psutil (Linux, macOS, Windows): the current RSS, the memory available to a
+new allocation and the machine's total. Two Linux-only refinements sit behind platform
+checks: the kernel's resettable high-water mark for the peak (``/proc/self/clear_refs``;
+elsewhere a sampling thread), and glibc's ``malloc_trim``/``mallopt`` to hand freed heap back.
 """
 
 from __future__ import annotations
@@ -9,37 +11,27 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import os
 import sys
 import threading
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+import psutil
+
+_SELF = psutil.Process()
 
 
 def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        import resource
-
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r if sys.platform == "darwin" else r * 1024
+    """Current resident set size of this process (not its peak)."""
+    return int(_SELF.memory_info().rss)
 
 
 def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * _PAGE
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
+    """Memory a new allocation can get without swapping (psutil's ``available``)."""
+    return int(psutil.virtual_memory().available)
+
+
+def total_memory() -> int:
+    """Physical memory of the machine."""
+    return int(psutil.virtual_memory().total)
 
 
 _libc = None

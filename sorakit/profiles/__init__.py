@@ -1,27 +1,31 @@
-"""Device profiles: data files (``profiles/*.toml``) that drive providers, budgets and passes.
+"""Device profiles: data files (``sorakit/profiles/*.toml``) that drive providers, budgets and passes.
 
 A profile says which execution providers to ask for (in order) with their options, the
 default memory budget, the thread count, whether the device needs static shapes, its
-precision, and which passes ``sorakit optimize --device NAME`` applies. No torch here.
+precision, and which passes ``sorakit optimize --device NAME`` applies.
+
+This module sits in the bottom layer (stdlib only), below both ``runtime`` and ``devices``.
+Pass names are checked here for form only; ``sorakit.graph_passes.registry`` checks them
+against the one pass registry (``check_profile``) wherever passes are applied.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sorakit.cache import default_cache_dir
 from sorakit.errors import SorakitError
+from sorakit.units import parse_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+PROFILE_DIR = Path(__file__).resolve().parent
 KNOWN_PROVIDERS = {
     "CPUExecutionProvider",
     "CoreMLExecutionProvider",
@@ -30,7 +34,6 @@ KNOWN_PROVIDERS = {
     "CUDAExecutionProvider",
     "DmlExecutionProvider",
 }
-KNOWN_PASSES = {"tdtm", "prune", "simplify", "fp16", "int8", "pin"}
 PRECISIONS = ("fp32", "fp16", "int8")
 TOP_LEVEL_KEYS = {"name", "description", "providers", "memory_budget", "threads", "static_shapes", "precision",
                   "optimize_passes", "coreml"}
@@ -124,35 +127,6 @@ class DeviceProfile:
         }
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("SORAKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sorakit"
-    )
-    return Path(base)
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12}
-
-
-def parse_bytes(spec: str | int | float, available: int | None = None) -> int:
-    """'2GB', '512MiB', '1.5e9', 3000000000 or '40%' (of ``available``) -> bytes."""
-    if isinstance(spec, (int, float)):
-        return int(spec)
-    s = spec.strip().lower().replace(" ", "")
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)(%|[a-z]*)", s)
-    if not m or m.group(2) not in _UNITS and m.group(2) != "%":
-        raise SorakitError(f"cannot read memory size {spec!r}; use e.g. 2GB, 512MiB or 40%")
-    value, unit = float(m.group(1)), m.group(2)
-    if unit == "%":
-        if available is None:
-            from sorakit.runtime.memory import available_memory
-
-            available = available_memory()
-        return int(available * value / 100)
-    return int(value * _UNITS[unit])
-
-
 def load_profile(path: str | Path) -> DeviceProfile:
     """Read and validate one profile file; every problem is a SorakitError naming the file and key."""
     path = Path(path)
@@ -201,9 +175,9 @@ def load_profile(path: str | Path) -> DeviceProfile:
     passes = data.get("optimize_passes", [])
     if not isinstance(passes, list) or not all(isinstance(x, str) for x in passes):
         raise SorakitError(f"{where}: 'optimize_passes' must be a list of pass names")
-    bad = [x for x in passes if x not in KNOWN_PASSES]
+    bad = [x for x in passes if not x.isidentifier()]
     if bad:
-        raise SorakitError(f"{where}: unknown passes {bad}; known: {sorted(KNOWN_PASSES)}")
+        raise SorakitError(f"{where}: {bad} are not pass names")
     if len(set(passes)) != len(passes):
         raise SorakitError(f"{where}: a pass is listed twice in optimize_passes ({passes})")
     if not isinstance(data["memory_budget"], (str, int, float)) or isinstance(data["memory_budget"], bool):
@@ -255,20 +229,12 @@ def _check_coreml_options(options: dict[str, str], where: str) -> None:
             raise SorakitError(f"{where}: CoreML EP option {k} = {v!r}; allowed: {sorted(allowed)}")
 
 
-_load = load_profile  # the name the rest of the code used before
-
-
 def list_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
 def all_profiles() -> list[DeviceProfile]:
     return [get_profile(n) for n in list_profiles()]
-
-
-def profile_passes(name: str) -> tuple[str, ...]:
-    """The passes ``sorakit optimize --device NAME`` applies for a device, in order."""
-    return get_profile(name).optimize_passes
 
 
 def get_profile(name: str) -> DeviceProfile:
