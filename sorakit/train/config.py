@@ -5,9 +5,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from sorakit.adherence import EVAL_CFG, EVAL_SEED, EVAL_STEPS
+from sorakit.adherence import EVAL_CFG, EVAL_PROMPTS, EVAL_SEED, EVAL_STEPS, SELECTION_PROMPTS, SELECTION_SEEDS
 from sorakit.presets import ModelPreset, SpatialVAEConfig, STDiT3Config, T5Config, TemporalVAEConfig, VAEConfig
 from sorakit.presets import shapes_preset as default_shapes_preset
+
+
+def eval_prompts_and_seed(cfg: RecipeConfig) -> tuple[list[str], int]:
+    """The prompts the recipe's evaluations sample (as one batch) and the noise seed."""
+    if cfg.eval_set == "selection":
+        return list(SELECTION_PROMPTS[: cfg.eval_prompts]), SELECTION_SEEDS[0]
+    if cfg.eval_set != "evaluation":
+        raise ValueError(f"eval_set must be 'evaluation' or 'selection', not {cfg.eval_set!r}")
+    return list(EVAL_PROMPTS[: cfg.eval_prompts]), cfg.eval_seed
 
 
 @dataclass
@@ -22,7 +31,7 @@ class RecipeConfig:
     object_weight: float = 9.0  # extra loss weight on pixels that are not background
     kl_weight: float = 1e-7
     # temporal VAE (clips of spatial latents)
-    temporal_steps: int = 500
+    temporal_steps: int = 1500  # 500 left the temporal VAE unconverged on objects of half size 11-15 (docs/training.md)
     temporal_batch: int = 8
     temporal_pixel_frames: int = 2  # frames per clip decoded for the pixel loss
     temporal_lr: float = 1e-3
@@ -58,7 +67,15 @@ class RecipeConfig:
     eval_steps: int = EVAL_STEPS
     eval_cfg: float = EVAL_CFG
     eval_seed: int = EVAL_SEED
+    # "evaluation": the 24 evaluation prompts; "selection": the selection prompts and their
+    # first seed, for trial runs whose evaluations inform choices (never the evaluation set)
+    eval_set: str = "evaluation"
     minutes: float | None = None  # optional wall-clock cap on the DiT stage (breaks exact reproducibility)
+    # The DiT stops early once the whole run has taken this long, so that the run (the decoder
+    # fine-tune, export and final evaluation take about 6 min after the DiT) stays within the
+    # 2-hour limit on a slow day; on this machine at its usual speed the DiT finishes first.
+    # If it triggers, the run is no longer reproducible step for step (training.json says so).
+    run_deadline_minutes: float | None = 112.0
     log_every: int = 50
     extra: dict = field(default_factory=dict)
 

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sorakit.adherence import ATTRIBUTES, EVAL_PROMPTS, describe, score_set
+from sorakit.adherence import ATTRIBUTES, describe, score_set
 from sorakit.export.models import TorchModels
 from sorakit.export.reference import ReferencePipeline
 from sorakit.export.sampler import timestep_transform
 from sorakit.presets import ModelPreset
 from sorakit.train import data as shapes_data
 from sorakit.train.common import Logger, lr_at, set_lr
-from sorakit.train.config import RecipeConfig
+from sorakit.train.config import RecipeConfig, eval_prompts_and_seed
 from sorakit.train.text_encoder import encode_captions
 from sorakit.train.weights import save_fp16
 
@@ -137,8 +137,8 @@ def rflow_loss(
 
 def evaluate(models: TorchModels, cfg: RecipeConfig) -> dict:
     """Sample the evaluation prompts (one batch, fixed seed) and score adherence."""
-    prompts = list(EVAL_PROMPTS[: cfg.eval_prompts])
-    res = ReferencePipeline(models)(prompts, seed=cfg.eval_seed, steps=cfg.eval_steps, cfg_scale=cfg.eval_cfg)
+    prompts, seed = eval_prompts_and_seed(cfg)
+    res = ReferencePipeline(models)(prompts, seed=seed, steps=cfg.eval_steps, cfg_scale=cfg.eval_cfg)
     s = score_set(res.video, prompts)
     s["video"] = res.video
     return s
@@ -246,7 +246,9 @@ def train_dit(
                 log.info(f"DiT step {step + 1}/{cfg.dit_steps} loss {mean:.4f} ({rate:.2f} s/step)")
                 log.event("dit", step=step + 1, loss=mean, sec_per_step=round(rate, 3))
             last = step + 1 == cfg.dit_steps
-            over = cfg.minutes is not None and (time.time() - t_start) / 60 > cfg.minutes
+            over = (cfg.minutes is not None and (time.time() - t_start) / 60 > cfg.minutes) or (
+                cfg.run_deadline_minutes is not None and log.elapsed() / 60 > cfg.run_deadline_minutes
+            )
             if (step + 1) % cfg.eval_every == 0 or last or over:
                 eval_models = TorchModels(preset, ema_t5.module, ema_dit.module, models.vae, models.tokenizer_file)
                 s = evaluate(eval_models, cfg)
@@ -269,7 +271,9 @@ def train_dit(
                 if not cfg.freeze_text:
                     t5.train()
             if over:
-                log.info(f"stopping at step {step + 1}: the {cfg.minutes} min cap was reached")
+                log.info(f"stopping at step {step + 1}: a time cap was reached (DiT {cfg.minutes} min, "
+                         f"run {cfg.run_deadline_minutes} min)")
+                log.stage("dit", stopped_early_by_time_cap=True)
                 break
     log.stage("dit", steps_done=step + 1, final_loss=float(np.mean(history[-cfg.log_every :])))
     return ema_t5.module.eval(), ema_dit.module.eval()

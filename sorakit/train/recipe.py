@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from sorakit.adherence import ATTRIBUTES, EVAL_PROMPTS, describe
+from sorakit.adherence import ATTRIBUTES, describe
 from sorakit.export.models import TorchModels, build, load
 from sorakit.presets import ModelPreset
 from sorakit.presets import shapes_preset as default_shapes_preset
 from sorakit.tokenizer import PromptTokenizer
 from sorakit.train import data as shapes_data
 from sorakit.train.common import Logger
-from sorakit.train.config import RecipeConfig
+from sorakit.train.config import RecipeConfig, eval_prompts_and_seed
 from sorakit.train.dit import evaluate, latent_object_mask, train_dit, velocity_cosines
 from sorakit.train.text_encoder import caption_labels, pretrain_text_encoder
 from sorakit.train.tokenizer import train_tokenizer
@@ -239,7 +239,8 @@ def final_record(
     shipped = load_trained(out, preset)
     t = time.time()
     final = evaluate(shipped, cfg)
-    cos = velocity_cosines(shipped, list(EVAL_PROMPTS[: cfg.eval_prompts]), cfg.eval_steps, cfg.eval_cfg, cfg.eval_seed)
+    prompts, seed = eval_prompts_and_seed(cfg)
+    cos = velocity_cosines(shipped, prompts, cfg.eval_steps, cfg.eval_cfg, seed)
     record = {
         "recipe": "python -m sorakit.train --out DIR --seed SEED",
         "seed": cfg.seed,
@@ -261,7 +262,8 @@ def final_record(
             "steps": cfg.eval_steps,
             "cfg_scale": cfg.eval_cfg,
             "guidance_max_t": preset.sampler.guidance_max_t,
-            "seed": cfg.eval_seed,
+            "seed": seed,
+            "prompt_set": cfg.eval_set,
             **{key: final[key] for key, _, _ in ATTRIBUTES},
             "both_acc": final["both_acc"],
         },
