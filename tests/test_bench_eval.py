@@ -131,20 +131,23 @@ def test_variant_bundles_are_reused_only_for_the_same_source(tiny_bundle, tmp_pa
 
 def test_eval_markdown_shows_adherence_and_steadiness():
     """The adherence table carries the steadiness measures scored on real frames."""
-    from sorakit.adherence import score_set
+    from sorakit.adherence import SHAPES, score_set
     from sorakit.evaluation.report import eval_markdown
     from sorakit.train.data import make_dataset
 
-    videos, captions, _ = make_dataset(8, seed=3)
+    videos, captions, attrs = make_dataset(8, seed=3)
     broken = videos.copy()
     broken[:, 9:] = broken[:, 9:, :, ::-1]  # mirrored halfway: a jump, and a doubled/moved object mid-clip
+    other_shape = [f"a {a['colour']} {SHAPES[(SHAPES.index(a['shape']) + 1) % 4]} moving {a['direction']}" for a in attrs]
     res = {"preset": "shapes", "prompts": captions, "seeds": [0], "steps": 30, "cfg": 7.0, "rows": {},
            "velocity_cosine": [], "adherence": {"truth": score_set(videos, captions),
-                                                "broken": score_set(broken, captions)}}
+                                                "broken": score_set(broken, captions),
+                                                "other shape": score_set(videos, other_shape)}}
     md = eval_markdown(res, "sorakit eval")
-    keys = ("colour_acc", "direction_acc", "both_acc", "colour_consistency", "background_acc",
-            "background_consistency", "single_object")
+    keys = ("colour_acc", "shape_acc", "direction_acc", "both_acc", "background_steady_acc", "colour_consistency",
+            "background_acc", "background_consistency", "single_object")
     for name, s in res["adherence"].items():
         row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
-        assert row == f"| {name} | " + " | ".join(f"{s[k]:.0%}" for k in keys) + " |"
+        assert row == f"| {name} | " + " | ".join("-" if s[k] is None else f"{s[k]:.0%}" for k in keys) + " |"
     assert res["adherence"]["truth"]["single_object"] == 1.0 > res["adherence"]["broken"]["direction_acc"]
+    assert res["adherence"]["truth"]["shape_acc"] == 1.0 and res["adherence"]["other shape"]["shape_acc"] == 0.0

@@ -133,6 +133,7 @@ def test_precision_passes_within_their_gates(tiny_bundle, optimized_tiny, tmp_pa
     _, report = optimized_tiny
     int8 = next(r for r in report.records if r.name == "int8")
     assert int8.gate["passed"] and int8.gate["value"] >= 0.90 and "forced" not in int8.gate
+    assert set(int8.gate["adherence"]) == {"colour", "shape", "direction"}
     tdtm = next(r for r in report.records if r.name == "tdtm")
     assert tdtm.gate["passed"]
     out = tmp_path / "fp16"
@@ -300,3 +301,21 @@ def test_tdtm_mirrors_the_torch_reference(T):
         cos, sin = rope_tables(freqs, torch.from_numpy(pos))
         cos_np, sin_np = tdtm_mod.rope_tables_np(freqs.numpy(), pos)
         assert np.abs(cos.numpy() - cos_np).max() <= 1e-6 and np.abs(sin.numpy() - sin_np).max() <= 1e-6
+
+
+def test_gate_counts_the_prompts_followed_before_and_after():
+    """The gate's adherence counts come from the frames: a video whose object changes shape
+    (or colour) after a pass loses that attribute, and the gate would refuse the pass."""
+    from sorakit.adherence import parse_prompt
+    from sorakit.graph_passes.pipeline import GATE_PROMPTS, adherence_counts
+    from sorakit.train.data import MotionSpec, render
+
+    def draw(prompt, shape=None, colour=None):
+        i = parse_prompt(prompt)
+        start = (16.0, 30.0) if i.direction == "right" else (30.0, 48.0)
+        return render(colour or i.colour, shape or i.shape, i.direction, i.background, MotionSpec(12.0, 30.0, start))
+
+    before = [draw(p) for p in GATE_PROMPTS]
+    assert adherence_counts(GATE_PROMPTS, before, before) == {"colour": (2, 2), "shape": (2, 2), "direction": (2, 2)}
+    after = [draw(GATE_PROMPTS[0], shape="diamond"), draw(GATE_PROMPTS[1], colour="cyan")]
+    assert adherence_counts(GATE_PROMPTS, before, after) == {"colour": (2, 1), "shape": (2, 1), "direction": (2, 2)}

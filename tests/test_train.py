@@ -154,7 +154,9 @@ def test_tokenizer_has_t5_ids_and_unknown_words(tmp_path):
 
 # -- the recipe --------------------------------------------------------------------------
 def test_recipe_runs_end_to_end_on_a_tiny_config(tmp_path):
-    from sorakit.train.recipe import load_trained, run, tiny_config, tiny_shapes_preset
+    from sorakit.train.config import tiny_config, tiny_shapes_preset
+    from sorakit.train.recipe import run
+    from sorakit.train.weights import load_trained
 
     preset = tiny_shapes_preset()
     record = run(tmp_path, tiny_config(), preset, quiet=True)
@@ -215,35 +217,50 @@ def _shipped_record() -> dict:
         return {}
 
 
-def _shipped_meets_the_bar() -> bool:
-    from sorakit.adherence import TARGET_COLOUR_ACC, TARGET_DIRECTION_ACC
+def _shipped_misses() -> list[str]:
+    """The targets the shipped model's recorded figures (96 videos per sampler) miss."""
+    from sorakit.adherence import ATTRIBUTES, target_misses
 
-    a = _shipped_record().get("adherence", {})
-    return a.get("colour_acc", 0) >= TARGET_COLOUR_ACC and a.get("direction_acc", 0) >= TARGET_DIRECTION_ACC
+    m = _shipped_record().get("measured", {})
+    by_seed = m.get("by_seed") or []
+    if not by_seed or any(key not in by_seed[0] for key, _, _ in ATTRIBUTES):
+        return ["no figures over seeds for every attribute recorded"]
+    return target_misses(by_seed, m.get("by_seed_cfg_every_step"))
 
 
 @pytest.fixture(scope="module")
 def shipped_eval(shipped):
-    """The 24 evaluation prompts sampled from the shipped model (30 steps, CFG 7, seed 0), scored."""
+    """The 24 evaluation prompts sampled from the shipped model (seed 0, 30 steps, CFG 7 with
+    the model's guidance interval, and CFG 7 at every step), scored."""
     from sorakit.adherence import EVAL_CFG, EVAL_SEED, EVAL_STEPS
     from sorakit.export.reference import ReferencePipeline
+    from sorakit.train.report import with_sampler
 
     prompts = list(EVAL_PROMPTS)
-    res = ReferencePipeline(shipped)(prompts, seed=EVAL_SEED, steps=EVAL_STEPS, cfg_scale=EVAL_CFG)
-    return score_set(res.video, prompts)
+    out = {}
+    for name, models in (("default", shipped), ("every_step", with_sampler(shipped, guidance_max_t=None))):
+        res = ReferencePipeline(models)(prompts, seed=EVAL_SEED, steps=EVAL_STEPS, cfg_scale=EVAL_CFG)
+        out[name] = score_set(res.video, prompts)
+    return out
 
 
 def test_shipped_adherence_is_what_its_record_says(shipped_eval):
-    """The figures in training.json (and docs/training.md) are reproduced by sampling the files."""
-    a = _shipped_record()["adherence"]
-    assert (shipped_eval["colour_acc"], shipped_eval["direction_acc"]) == pytest.approx(
-        (a["colour_acc"], a["direction_acc"]), abs=1.5 / 24
-    ), shipped_eval["per_prompt"]
+    """The seed-0 figures in training.json (and docs/training.md) are reproduced by sampling
+    the files, every attribute, with the model's sampler and with CFG at every step."""
+    from sorakit.adherence import ATTRIBUTES
+
+    m = _shipped_record()["measured"]
+    recorded = {"default": m["by_seed"][0], "every_step": (m.get("by_seed_cfg_every_step") or [None])[0]}
+    for name, s in shipped_eval.items():
+        if recorded[name] is None:
+            continue
+        for key, _, _ in ATTRIBUTES:
+            assert s[key] == pytest.approx(recorded[name][key], abs=1.5 / 24), (name, key, s["per_prompt"])
 
 
 def test_training_doc_shows_the_shipped_figures():
     """docs/training.md's figures block is what report renders from the shipped training.json."""
-    from sorakit.train.report import DOC_BEGIN, DOC_END, figures_markdown
+    from sorakit.train.figures import DOC_BEGIN, DOC_END, figures_markdown
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
     block = doc.split(DOC_BEGIN, 1)[1].split(DOC_END, 1)[0].strip()
@@ -251,16 +268,19 @@ def test_training_doc_shows_the_shipped_figures():
 
 
 @pytest.mark.xfail(
-    not _shipped_meets_the_bar(),
-    reason="the shipped shapes model misses the adherence bar (its training.json records the figures, "
-    "docs/training.md says why); this test turns strict once a model that meets it is shipped",
+    bool(_shipped_misses()),
+    reason="the shipped shapes model misses adherence targets (its training.json records the figures, "
+    "docs/training.md says why); this test turns strict once a model that meets them is shipped",
     strict=False,
 )
 def test_default_generation_follows_the_prompt(shipped_eval):
-    from sorakit.adherence import TARGET_COLOUR_ACC, TARGET_DIRECTION_ACC
+    """Every target of the 96-video evaluation is met by the recorded figures, which the test
+    above reproduces at seed 0; and at seed 0 no attribute is far below its target."""
+    from sorakit.adherence import ATTRIBUTES, MAX_SEED_GAP
 
-    assert shipped_eval["colour_acc"] >= TARGET_COLOUR_ACC, shipped_eval["per_prompt"]
-    assert shipped_eval["direction_acc"] >= TARGET_DIRECTION_ACC, shipped_eval["per_prompt"]
+    assert _shipped_misses() == []
+    for key, name, target in ATTRIBUTES:
+        assert shipped_eval["default"][key] >= target - MAX_SEED_GAP, (name, shipped_eval["default"]["per_prompt"])
 
 
 def test_prompt_outside_the_vocabulary_still_generates(shipped):
@@ -277,8 +297,10 @@ def test_recipe_continues_a_previous_dit_and_ships_a_checkpoint(tmp_path):
     import json
 
     from sorakit.export.models import save_checkpoint
-    from sorakit.train.recipe import load_trained, run, save_fp16, tiny_config, tiny_shapes_preset
+    from sorakit.train.config import tiny_config, tiny_shapes_preset
+    from sorakit.train.recipe import run
     from sorakit.train.report import ship
+    from sorakit.train.weights import load_trained, save_fp16
 
     preset = tiny_shapes_preset()
     run(tmp_path / "a", tiny_config(), preset, quiet=True)
@@ -343,7 +365,7 @@ def test_recipe_continues_a_previous_dit_and_ships_a_checkpoint(tmp_path):
 
 
 def test_latent_object_mask_follows_the_object():
-    from sorakit.train.recipe import latent_object_mask
+    from sorakit.train.dit import latent_object_mask
 
     videos, _, attrs = make_dataset(8, seed=3)
     mask = latent_object_mask(videos, (5, 8, 8))
@@ -360,7 +382,7 @@ def test_latent_object_mask_follows_the_object():
 
 
 def test_caption_labels_read_what_the_caption_says():
-    from sorakit.train.recipe import CAPTION_ATTRIBUTES, caption_labels
+    from sorakit.train.text_encoder import CAPTION_ATTRIBUTES, caption_labels
 
     labels = caption_labels(["a red circle moving left on a black background", "green box going upwards"])
     names = [n for n, _ in CAPTION_ATTRIBUTES]
@@ -386,14 +408,9 @@ def test_text_pretraining_makes_direction_readable_from_the_pooled_caption(tmp_p
     from sorakit.export.stdit3 import masked_mean
     from sorakit.tokenizer import PromptTokenizer
     from sorakit.train import data as shapes_data
-    from sorakit.train.recipe import (
-        Logger,
-        caption_labels,
-        encode_captions,
-        pretrain_text_encoder,
-        tiny_config,
-        tiny_shapes_preset,
-    )
+    from sorakit.train.common import Logger
+    from sorakit.train.config import tiny_config, tiny_shapes_preset
+    from sorakit.train.text_encoder import caption_labels, encode_captions, pretrain_text_encoder
     from sorakit.train.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
@@ -424,7 +441,8 @@ def test_latent_whitening_changes_coordinates_not_videos():
     """Folding the whitening map into the temporal VAE leaves decode(encode(.)) as it was and
     returns the coordinates the re-encoded VAE produces, with identity covariance above the floor."""
     from sorakit.export.models import build
-    from sorakit.train.recipe import encode_temporal, tiny_shapes_preset, whiten_latents
+    from sorakit.train.config import tiny_shapes_preset
+    from sorakit.train.vae import encode_temporal, whiten_latents
 
     torch.manual_seed(0)
     vae = build("vae", tiny_shapes_preset()).float().eval()
@@ -459,7 +477,8 @@ def test_latent_whitening_changes_coordinates_not_videos():
 
 def test_latent_whitening_floor_caps_the_gain():
     from sorakit.export.models import build
-    from sorakit.train.recipe import tiny_shapes_preset, whiten_latents
+    from sorakit.train.config import tiny_shapes_preset
+    from sorakit.train.vae import whiten_latents
 
     vae = build("vae", tiny_shapes_preset()).float().eval()
     rng = np.random.default_rng(1)

@@ -108,6 +108,8 @@ def optimize(
                 for at in gt.get("attempts", []):
                     console.print(f"  quality gate with {at['settings']}: mean SSIM {at['value']:.4f} < "
                                   f"{gt['threshold']} -> tried the next setting", highlight=False)
+                right = ", ".join(f"{k} {v['before']} -> {v['after']}" for k, v in gt.get("adherence", {}).items())
                 console.print(f"  quality gate ({gt['compared']}): mean SSIM {gt['value']:.4f} (min {gt['min']:.4f}), "
-                              f"PSNR {gt['psnr_db']:.1f} dB, threshold {gt['threshold']} -> {verdict}")
+                              f"PSNR {gt['psnr_db']:.1f} dB, threshold {gt['threshold']}; prompts followed "
+                              f"(of {len(gt['prompts'])}): {right} -> {verdict}")
     console.print(f"wrote {out}")

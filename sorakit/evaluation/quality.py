@@ -3,7 +3,7 @@
 For fixed prompts and seeds: SSIM and PSNR of each LPL setting (the paper's Table 3), each
 TDTM merge-step count (Table 4), fp16 and int8, against the 30-step fp32 video; a temporal
 flicker score for every row; the cosine similarity of consecutive CFG velocities per step
-(Figure 5); and, on the shipped model, the adherence score (colour and direction correct).
+(Figure 5); and, on the shipped model, the adherence score (colour, shape and direction correct).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def combined_call(spec: dict) -> dict:
 
 
 def adherence(base, settings: EvalSettings, rows: dict, work: Path, variant, say) -> dict[str, Any]:
-    """The adherence score (colour, direction) of the 24 evaluation prompts, per setting."""
+    """The adherence score (colour, shape, direction, steadiness) of the 24 evaluation prompts, per setting."""
     from sorakit.adherence import EVAL_PROMPTS, EVAL_SEED, score_set
     from sorakit.runtime.pipeline import Pipeline
 
@@ -237,7 +237,8 @@ def adherence(base, settings: EvalSettings, rows: dict, work: Path, variant, say
         scores = score_set(list(r.videos), prompts)
         out[name] = {k: v for k, v in scores.items() if k != "per_prompt"}
         out[name]["per_prompt"] = [
-            {k: p[k] for k in ("prompt", "colour", "direction", "colour_ok", "direction_ok")} for p in scores["per_prompt"]
+            {k: p[k] for k in ("prompt", "colour", "shape", "direction", "colour_ok", "shape_ok", "direction_ok",
+                               "background_steady")} for p in scores["per_prompt"]
         ]
         if pipe is not base:
             pipe.close()

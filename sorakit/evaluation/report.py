@@ -77,13 +77,14 @@ def eval_markdown(res: dict[str, Any], command: str) -> str:
         lines.append(f"| {r['name']} | {r['ssim']:.4f} | {r['ssim_min']:.4f} | {_f(r['psnr_db'], '{:.1f}')} | "
                      f"{r['flicker']:.2f} | {r['transformer_calls']} | {_f(r['transformer_speedup'])}x |")
     if res.get("adherence"):
-        lines += ["", "**Adherence** (24 evaluation prompts, colour and direction judged from the frames)", "",
-                  "| setting | colour correct | direction correct | both | "
+        lines += ["", "**Adherence** (24 evaluation prompts, colour, shape and direction judged from the frames)", "",
+                  "| setting | colour correct | shape correct | direction correct | colour and direction | background steady | "
                   + " | ".join(what.split(" (")[0] for _, what in STEADINESS) + " |",
-                  "|---|---:|---:|---:|" + "---:|" * len(STEADINESS)]
+                  "|---|---:|---:|---:|---:|---:|" + "---:|" * len(STEADINESS)]
         for name, a in res["adherence"].items():
             steady = " | ".join(_f(a.get(key), "{:.0%}") for key, _ in STEADINESS)
-            lines.append(f"| {name} | {a['colour_acc']:.0%} | {a['direction_acc']:.0%} | {a['both_acc']:.0%} | {steady} |")
+            lines.append(f"| {name} | {a['colour_acc']:.0%} | {_f(a.get('shape_acc'), '{:.0%}')} | {a['direction_acc']:.0%} | "
+                         f"{a['both_acc']:.0%} | {_f(a.get('background_steady_acc'), '{:.0%}')} | {steady} |")
         lines += ["", "Beside the score, each 100 % on the training clips: "
                   + "; ".join(what for _, what in STEADINESS) + "."]
     cos = [c for c in res["velocity_cosine"] if c is not None]

@@ -3,8 +3,9 @@
 Exact passes (pin, prune, simplify) are checked graph by graph against the graph they
 replace on seeded random inputs. Lossy passes (tdtm, fp16, int8) are held to a quality gate:
 the runtime generates videos from fixed prompts and seeds with the bundle before and after
-the pass (for tdtm: with and without the merged blocks for half the steps), and the mean
-SSIM must reach the pass's threshold, or the pass is refused unless forced.
+the pass (for tdtm: with and without the merged blocks for half the steps); the mean SSIM
+must reach the pass's threshold, and no video may lose the colour, shape or direction of its
+prompt (``sorakit.adherence``), or the pass is refused unless forced.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def run_gate(name: str, ws: Workspace, before: Manifest, after: Manifest, thresh
     steps = steps or int(after.sampler.get("num_steps", 30))
     pa = Pipeline(Bundle(ws.root, before, verify="none"), memory_budget="unlimited", verify=False)
     pb = Pipeline(Bundle(ws.root, after, verify="none"), memory_budget="unlimited", verify=False, precision=precision)
-    ssims, psnrs = [], []
+    ssims, psnrs, before_videos, after_videos = [], [], [], []
     for i, prompt in enumerate(GATE_PROMPTS):
         if name == "tdtm":
             ref = pb(prompt, seed=i, steps=steps)
@@ -262,19 +263,35 @@ def run_gate(name: str, ws: Workspace, before: Manifest, after: Manifest, thresh
             got = pb(prompt, seed=i, steps=steps)
         ssims.append(video_ssim(ref.frames, got.frames))
         psnrs.append(psnr(ref.frames, got.frames))
+        before_videos.append(ref.frames)
+        after_videos.append(got.frames)
     pa.close()
     pb.close()
     mean = float(np.mean(ssims))
+    adherence = adherence_counts(GATE_PROMPTS, before_videos, after_videos)
+    lost = [k for k, (b, a) in adherence.items() if a < b]
     gate = {"metric": "ssim", "value": mean, "min": float(np.min(ssims)), "psnr_db": float(np.mean(psnrs)),
             "threshold": threshold, "prompts": list(GATE_PROMPTS), "steps": steps,
             "compared": "tdtm for half the steps vs none" if name == "tdtm" else "after vs before the pass",
-            "passed": mean >= threshold}
+            "adherence": {k: {"before": b, "after": a} for k, (b, a) in adherence.items()},
+            "passed": mean >= threshold and not lost}
     if not gate["passed"]:
         if not force and raise_on_fail:
+            why = [f"mean SSIM {mean:.3f} < {threshold} (PSNR {gate['psnr_db']:.1f} dB)"] if mean < threshold else []
+            why += [f"{k} right in {adherence[k][1]} of {len(GATE_PROMPTS)} videos, {adherence[k][0]} before" for k in lost]
             raise VerificationError(
-                f"pass {name!r} fails its quality gate: mean SSIM {mean:.3f} < {threshold} "
-                f"(PSNR {gate['psnr_db']:.1f} dB) on {len(GATE_PROMPTS)} fixed prompts",
-                hint="use --force to apply it anyway, or --gate NAME=VALUE to change the threshold",
+                f"pass {name!r} fails its quality gate on {len(GATE_PROMPTS)} fixed prompts: " + "; ".join(why),
+                hint="use --force to apply it anyway, or --gate NAME=VALUE to change the SSIM threshold",
             )
         gate["forced"] = True
     return gate
+
+
+def adherence_counts(prompts, before: list[np.ndarray], after: list[np.ndarray]) -> dict[str, tuple[int, int]]:
+    """How many videos get each attribute of their prompt right (colour, shape, direction),
+    before and after a pass; a lossy pass may not lose any (on models that get them right)."""
+    from sorakit.adherence import score_video
+
+    b = [score_video(v, p) for v, p in zip(before, prompts)]
+    a = [score_video(v, p) for v, p in zip(after, prompts)]
+    return {k: (sum(r[f"{k}_ok"] for r in b), sum(r[f"{k}_ok"] for r in a)) for k in ("colour", "shape", "direction")}

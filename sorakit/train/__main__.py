@@ -9,7 +9,8 @@ import dataclasses
 # another busy process shares the cores (measured: DiT step 1.4 s instead of 17 s); on an idle
 # 2-core machine it costs (DiT step 1.2 s instead of 0.9 s, frame encoding 2x slower).
 from sorakit.presets import shapes_preset
-from sorakit.train.recipe import RecipeConfig, run, tiny_config, tiny_shapes_preset
+from sorakit.train.config import RecipeConfig, tiny_config, tiny_shapes_preset
+from sorakit.train.recipe import run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--whiten-floor", type=float, default=None, help="latent whitening floor in posterior variances (0: off)"
     )
+    ap.add_argument("--eval-set", choices=("evaluation", "selection"), default=None,
+                    help="prompts of the evaluations during training (selection: for trial runs that inform choices)")
     ap.add_argument("--spatial-from", default=None, help="resume: reuse this output directory's spatial VAE")
     ap.add_argument(
         "--transform-base",
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = tiny_config() if args.tiny else RecipeConfig()
     changes = {"seed": args.seed}
-    for name in ("minutes", "dit_steps", "num_clips", "threads", "eval_every", "decoder_steps"):
+    for name in ("minutes", "dit_steps", "num_clips", "threads", "eval_every", "decoder_steps", "eval_set"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.whiten_floor is not None:

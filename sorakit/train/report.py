@@ -17,12 +17,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sorakit.adherence import EVAL_CFG, EVAL_PROMPTS, EVAL_SEED, EVAL_STEPS, STEADINESS, score_set
+from sorakit.adherence import (
+    ATTRIBUTES,
+    EVAL_CFG,
+    EVAL_PROMPTS,
+    EVAL_SEED,
+    EVAL_SEEDS,
+    EVAL_STEPS,
+    SELECTION_PROMPTS,
+    SELECTION_SEEDS,
+    STEADINESS,
+    score_set,
+    seed_summary,
+    target_misses,
+)
 from sorakit.export.models import TorchModels
 from sorakit.export.reference import ReferencePipeline
 from sorakit.presets import shapes_preset
+from sorakit.train.figures import plot_velocity_cosine, sample_strip, update_doc
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes"
+# what training.json records of a measurement (seed 0), and of each prompt
+SCORE_KEYS = ("colour_acc", "shape_acc", "direction_acc", "both_acc", "background_steady_acc", "shape_consistency")
+PROMPT_KEYS = ("prompt", "colour", "shape", "direction", "colour_ok", "shape_ok", "direction_ok", "background_steady")
 
 
 def load_shipped(model_dir: str | Path = SHIPPED_DIR) -> TorchModels:
@@ -34,9 +51,11 @@ def load_shipped(model_dir: str | Path = SHIPPED_DIR) -> TorchModels:
 
 
 def adherence(
-    models: TorchModels, steps: int = EVAL_STEPS, cfg_scale: float = EVAL_CFG, seed: int = EVAL_SEED
+    models: TorchModels, steps: int = EVAL_STEPS, cfg_scale: float = EVAL_CFG, seed: int = EVAL_SEED,
+    prompts: tuple[str, ...] = EVAL_PROMPTS,
 ) -> tuple[dict, np.ndarray]:
-    prompts = list(EVAL_PROMPTS)
+    """The prompts sampled as one batch from ``seed`` and scored, and the videos."""
+    prompts = list(prompts)
     res = ReferencePipeline(models)(prompts, seed=seed, steps=steps, cfg_scale=cfg_scale)
     return score_set(res.video, prompts), res.video
 
@@ -54,61 +73,6 @@ def guidance_note(models: TorchModels) -> str:
     return f"CFG {EVAL_CFG:g} at t ≤ {g:g}" if g is not None else f"CFG {EVAL_CFG:g}"
 
 
-def plot_velocity_cosine(
-    cos: np.ndarray, path: Path, title: str, every_step: np.ndarray | None = None, first_guided: int | None = None
-) -> None:
-    """Per-prompt and mean cosines of the default sampler; ``every_step``: the mean with CFG at
-    every step (the paper's Figure 5 setting) as a second line; ``first_guided``: the step at
-    which the guidance interval begins (marked)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.arange(1, cos.shape[1] + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    for row in cos:
-        ax.plot(steps, row, color="tab:blue", alpha=0.15, lw=0.8)
-    label = "mean over the 24 prompts" + (" (default: guidance interval)" if every_step is not None else "")
-    ax.plot(steps, cos.mean(axis=0), color="tab:red", lw=2, label=label)
-    if every_step is not None:
-        ax.plot(steps, every_step.mean(axis=0), color="black", lw=1.5, ls="--", label="mean, CFG 7 at every step")
-    if first_guided is not None:
-        ax.axvline(first_guided, color="grey", lw=0.8, ls=":")
-        ax.text(first_guided + 0.3, 0.05, "guidance starts", fontsize=7, color="grey")
-    ax.set_xlabel("step i (cosine of v_i and v_i+1)")
-    ax.set_ylabel("cosine similarity")
-    ax.set_ylim(min(0.0, float(cos.min())) - 0.02, 1.01)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def sample_strip(videos: np.ndarray, prompts: list[str], path: Path, frames=(0, 4, 8, 12, 16)) -> None:
-    """One row per video (frames side by side with a gap), prompt written above the row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(videos)
-    fig, axes = plt.subplots(n, 1, figsize=(len(frames) * 1.1, n * 1.35), dpi=110)
-    for ax, video, prompt in zip(np.atleast_1d(axes), videos, prompts):
-        gap = np.full((video.shape[1], 3, 3), 255, np.uint8)
-        row = np.concatenate([np.concatenate([video[f], gap], axis=1) for f in frames], axis=1)
-        ax.imshow(row)
-        ax.set_title(prompt, fontsize=7)
-        ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-
-
 @torch.no_grad()
 def direction_probe(models: TorchModels, seeds: int = 8, clips: int = 960) -> dict:
     """Does the prompt's direction change what the model predicts at t = 1000?
@@ -120,8 +84,8 @@ def direction_probe(models: TorchModels, seeds: int = 8, clips: int = 960) -> di
     and the data's mean latent, and the T5 output's relative change per token position for a
     direction swap and a colour swap.
     """
+    from sorakit.train.common import to_unit
     from sorakit.train.data import make_dataset
-    from sorakit.train.recipe import to_unit
 
     pipe, p = ReferencePipeline(models), models.preset
     dirs = ("left", "right", "up", "down")
@@ -214,7 +178,7 @@ def ship(
             "cfg_scale": EVAL_CFG,
             "guidance_max_t": measured.get("guidance_max_t"),
             "seed": EVAL_SEED,
-            **{k: measured[k] for k in ("colour_acc", "direction_acc", "both_acc")},
+            **{k: measured[k] for k in SCORE_KEYS if k in measured},
         },
         "measured": measured,
     }
@@ -238,7 +202,7 @@ def remeasure(measure: Callable[[Path], dict], dest: Path = SHIPPED_DIR) -> dict
     record |= {
         "adherence": record.get("adherence", {}) | {
             "guidance_max_t": measured.get("guidance_max_t"),
-            **{k: measured[k] for k in ("colour_acc", "direction_acc", "both_acc")},
+            **{k: measured[k] for k in SCORE_KEYS if k in measured},
         },
         "measured": measured,
         "measured_before": before,
@@ -263,168 +227,93 @@ def check_same_encoder(a: Path, b: Path) -> None:
             raise ValueError(f"{b}: {key} differs from the run's VAE; only decoder weights may change")
 
 
-def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False, seeds: int = 1) -> dict:
-    """Adherence, velocity cosines, text sensitivity (and diagnostics, figures) of a model directory.
+def scores_by_seed(models: TorchModels, seeds, say=print, prompts=EVAL_PROMPTS) -> tuple[list[dict], np.ndarray]:
+    """The prompts scored per noise seed (every attribute) and the first seed's videos."""
+    rows, first = [], None
+    for seed in seeds:
+        s, videos = adherence(models, seed=seed, prompts=prompts)
+        first = videos if first is None else first
+        rows.append({"seed": seed} | {k: s[k] for k, _, _ in ATTRIBUTES})
+        say(f"  seed {seed}: " + ", ".join(f"{name} {s[k]:.1%}" for k, name, _ in ATTRIBUTES))
+    return rows, first
 
-    ``seeds`` > 1 also samples the prompts with noise seeds 1 .. seeds-1: one seed's 24 videos
-    move by a couple of prompts from seed to seed, the mean over several is steadier.
-    """
-    from sorakit.train.recipe import text_sensitivity, velocity_cosines
+
+def selection(model_dir: Path, guidance: list[float | None]) -> dict:
+    """Scores on the selection prompts and seeds (for choices; never the evaluation set), per
+    guidance interval (None: CFG at every step)."""
+    models = load_shipped(model_dir)
+    out = {}
+    for g in guidance:
+        print(f"selection set, seeds {SELECTION_SEEDS}, CFG {EVAL_CFG:g} at t <= {g or 1000:g}:")
+        rows, _ = scores_by_seed(with_sampler(models, guidance_max_t=g), SELECTION_SEEDS, prompts=SELECTION_PROMPTS)
+        out[str(g)] = seed_summary(rows)
+        print("  mean: " + ", ".join(f"{k.removesuffix('_acc')} {v['mean']:.1%}" for k, v in out[str(g)].items()))
+    return out
+
+
+def measure(model_dir: Path, img: Path | None = None, diagnostics: bool = False, seeds: int = len(EVAL_SEEDS)) -> dict:
+    """Adherence over noise seeds 0 .. seeds-1 (the model's sampler and, if it has a guidance
+    interval, CFG at every step), velocity cosines, text sensitivity (and diagnostics, figures)."""
+    from sorakit.train.dit import text_sensitivity, velocity_cosines
 
     models = load_shipped(model_dir)
     score, videos = adherence(models)
     print(f"adherence on {score['n']} prompts (30 steps, {guidance_note(models)}, seed 0):")
-    print(f"  colour {score['colour_acc']:.1%}  direction {score['direction_acc']:.1%}  both {score['both_acc']:.1%}")
+    print("  " + "  ".join(f"{name} {score[key]:.1%}" for key, name, _ in ATTRIBUTES))
     for key, what in STEADINESS:
         if score[key] is not None:
             print(f"  {what} {score[key]:.1%}")
     for r in score["per_prompt"]:
-        mark = ("C" if r["colour_ok"] else "-") + ("D" if r["direction_ok"] else "-")
-        print(
-            f"  [{mark}] {r['prompt']:<55} -> {r['colour']}, {r['direction']} disp {r['displacement']} R2 {r['linearity']}"
-        )
-    cos = velocity_cosines(models, list(EVAL_PROMPTS), EVAL_STEPS, EVAL_CFG, EVAL_SEED)
-    mean = cos.mean(axis=0)
-    print("velocity cosine (mean over prompts) per step:", " ".join(f"{c:.3f}" for c in mean))
-    cos_every, first_guided = None, None
-    if models.preset.sampler.guidance_max_t is not None:
-        cos_every = velocity_cosines(with_sampler(models, guidance_max_t=None), list(EVAL_PROMPTS), EVAL_STEPS, EVAL_CFG, EVAL_SEED)
-        print("  with CFG at every step:", " ".join(f"{c:.3f}" for c in cos_every.mean(axis=0)))
-        from sorakit.runtime.sampler import first_guided_step, timestep_schedule
-
-        sampler, (H, W) = models.preset.sampler, models.preset.resolution
-        ts = timestep_schedule(sampler, EVAL_STEPS, H, W, models.preset.latent_size(models.preset.num_frames, H, W)[0])
-        first_guided = first_guided_step(ts, sampler.guidance_max_t)
+        mark = "".join(c if r[f"{k}_ok"] else "-" for c, k in (("C", "colour"), ("S", "shape"), ("D", "direction")))
+        print(f"  [{mark}] {r['prompt']:<55} -> {r['colour']} {r['shape']}, {r['direction']}")
     out = {
-        "colour_acc": score["colour_acc"],
-        "direction_acc": score["direction_acc"],
-        "both_acc": score["both_acc"],
+        **{key: score[key] for key in SCORE_KEYS},
         **{key: score[key] for key, _ in STEADINESS},
-        "per_prompt": [
-            {k: r[k] for k in ("prompt", "colour", "direction", "colour_ok", "direction_ok")} for r in score["per_prompt"]
-        ],
-        "velocity_cosine_mean": [round(float(c), 5) for c in mean],
-        "text_sensitivity": text_sensitivity(models),
+        "per_prompt": [{k: r[k] for k in PROMPT_KEYS} for r in score["per_prompt"]],
         "guidance_max_t": models.preset.sampler.guidance_max_t,
     }
-    if cos_every is not None:
+    print(f"over noise seeds 0-{seeds - 1} ({guidance_note(models)}):")
+    out["by_seed"] = [{"seed": 0} | {k: score[k] for k, _, _ in ATTRIBUTES}]
+    out["by_seed"] += scores_by_seed(models, range(1, seeds))[0]
+    every_step = with_sampler(models, guidance_max_t=None)
+    if models.preset.sampler.guidance_max_t is not None:
+        print(f"over noise seeds 0-{seeds - 1}, CFG {EVAL_CFG:g} at every step:")
+        out["by_seed_cfg_every_step"] = scores_by_seed(every_step, range(seeds))[0]
+    out["summary"] = seed_summary(out["by_seed"])
+    out["misses"] = target_misses(out["by_seed"], out.get("by_seed_cfg_every_step"))
+    print("targets:", "all met" if not out["misses"] else "; ".join(out["misses"]))
+
+    cos = velocity_cosines(models, list(EVAL_PROMPTS), EVAL_STEPS, EVAL_CFG, EVAL_SEED)
+    out["velocity_cosine_mean"] = [round(float(c), 5) for c in cos.mean(axis=0)]
+    cos_every = None
+    if models.preset.sampler.guidance_max_t is not None:
+        from sorakit.runtime.sampler import first_guided_step, timestep_schedule
+
+        cos_every = velocity_cosines(every_step, list(EVAL_PROMPTS), EVAL_STEPS, EVAL_CFG, EVAL_SEED)
+        sampler, (H, W) = models.preset.sampler, models.preset.resolution
+        ts = timestep_schedule(sampler, EVAL_STEPS, H, W, models.preset.latent_size(models.preset.num_frames, H, W)[0])
         out["velocity_cosine_every_step_mean"] = [round(float(c), 5) for c in cos_every.mean(axis=0)]
-        out["first_guided_step"] = first_guided
+        out["first_guided_step"] = first_guided_step(ts, sampler.guidance_max_t)
+    out["text_sensitivity"] = text_sensitivity(models)
     print("text sensitivity (relative change of v between opposite directions) by t:", out["text_sensitivity"])
-    if seeds > 1:
-        by_seed = [{"seed": EVAL_SEED, "colour_acc": score["colour_acc"], "direction_acc": score["direction_acc"]}]
-        for seed in range(1, seeds):
-            s, _ = adherence(models, seed=seed)
-            by_seed.append({"seed": seed, "colour_acc": s["colour_acc"], "direction_acc": s["direction_acc"]})
-            print(f"noise seed {seed}: colour {s['colour_acc']:.1%} direction {s['direction_acc']:.1%}")
-        out["by_seed"] = by_seed
     if diagnostics:
         out["direction_probe"] = direction_probe(models)
         print("direction probe (model vs data at t = 1000):", out["direction_probe"])
-        if models.preset.sampler.guidance_max_t is not None:
-            for key, variant, scale in (("cfg_every_step", with_sampler(models, guidance_max_t=None), EVAL_CFG),
-                                        ("cfg_1", models, 1.0)):
-                s, _ = adherence(variant, cfg_scale=scale)
-                out[key] = {k: s[k] for k in ("colour_acc", "direction_acc", "single_object")}
-                print(f"{key}: colour {s['colour_acc']:.1%} direction {s['direction_acc']:.1%} "
-                      f"single object {s['single_object']:.1%}")
-        for base in (512 * 512, 256 * 256):
-            s, _ = adherence(with_sampler(models, transform_base_resolution=base))
-            out[f"transform_base_{int(base**0.5)}"] = {
-                "colour_acc": s["colour_acc"],
-                "direction_acc": s["direction_acc"],
-            }
-            print(
-                f"sampling with transform base {int(base**0.5)}^2: colour {s['colour_acc']:.1%} direction {s['direction_acc']:.1%}"
-            )
+        variants = [("cfg_1", models, 1.0)]
+        variants += [(f"transform_base_{b}", with_sampler(models, transform_base_resolution=b * b), EVAL_CFG) for b in (512, 256)]
+        for key, variant, scale in variants:
+            s, _ = adherence(variant, cfg_scale=scale)
+            out[key] = {k: s[k] for k, _, _ in ATTRIBUTES}
+            print(f"{key}: " + ", ".join(f"{name} {s[k]:.1%}" for k, name, _ in ATTRIBUTES))
     if img:
         plot_velocity_cosine(
             cos, img / "velocity_cosine.png", f"shapes model, 30 steps, {guidance_note(models)}: cos(v_i, v_i+1)",
-            cos_every, first_guided,
+            cos_every, out.get("first_guided_step"),
         )
         pick = [0, 1, 2, 3, 9, 14]
         sample_strip(videos[pick], [EVAL_PROMPTS[i] for i in pick], img / "shapes_samples.png")
         print(f"wrote {img / 'velocity_cosine.png'} and {img / 'shapes_samples.png'}")
     return out
-
-
-DOC_BEGIN, DOC_END = "<!-- shipped-model figures: begin -->", "<!-- shipped-model figures: end -->"
-
-
-def figures_markdown(record: dict) -> str:
-    """The shipped model's figures as Markdown, from its training.json record."""
-    from sorakit.adherence import TARGET_COLOUR_ACC, TARGET_DIRECTION_ACC
-
-    m = record["measured"]
-    c, d = m["colour_acc"], m["direction_acc"]
-    verdict = "met" if c >= TARGET_COLOUR_ACC and d >= TARGET_DIRECTION_ACC else "missed"
-    lines = [
-        f"**Shipped model: colour {c:.0%} (target ≥ {TARGET_COLOUR_ACC:.0%}), direction {d:.0%} "
-        f"(target ≥ {TARGET_DIRECTION_ACC:.0%}), both {m['both_acc']:.0%}: the bar is {verdict}.**",
-        "",
-    ]
-    g = m.get("guidance_max_t")
-    if g is not None:
-        lines[0] = lines[0].replace("**Shipped model:", f"**Shipped model (30 steps, CFG 7 at t ≤ {g:g}, seed 0):")
-    every, off = m.get("cfg_every_step"), m.get("cfg_1")
-    if every and off:
-        lines.append(
-            f"Without the guidance interval (CFG 7 at every step, as Open-Sora samples): colour {every['colour_acc']:.0%}, "
-            f"direction {every['direction_acc']:.0%}, single object {every['single_object']:.0%}. "
-            f"Without guidance (CFG 1): colour {off['colour_acc']:.0%}, direction {off['direction_acc']:.0%}, "
-            f"single object {off['single_object']:.0%}."
-        )
-    trained = round(shapes_preset().sampler.transform_base_resolution**0.5)
-    for base in (512, 256):
-        s = m.get(f"transform_base_{base}")
-        if s:
-            lines.append(
-                f"Sampled with a {base}² timestep-transform base instead of the trained {trained}²: colour "
-                f"{s['colour_acc']:.0%}, direction {s['direction_acc']:.0%}."
-            )
-    steady = [f"{what} {m[key]:.0%}" for key, what in STEADINESS if m.get(key) is not None]
-    if steady:
-        lines.append(
-            "Steadiness, mean over the prompts (each is 100 % on the training clips): " + "; ".join(steady) + "."
-        )
-    if m.get("by_seed"):
-        per = m["by_seed"]
-        mean_c = sum(r["colour_acc"] for r in per) / len(per)
-        mean_d = sum(r["direction_acc"] for r in per) / len(per)
-        lines.append(
-            f"Over noise seeds {per[0]['seed']}–{per[-1]['seed']} ({len(EVAL_PROMPTS) * len(per)} videos): colour {mean_c:.1%}, "
-            f"direction {mean_d:.1%} (colour per seed: " + ", ".join(f"{r['colour_acc']:.0%}" for r in per) + ")."
-        )
-    if m.get("direction_probe"):
-        lines.append(f"Direction probe at t = 1000 (model vs data): `{json.dumps(m['direction_probe'])}`.")
-    lines.append(f"Text sensitivity by t (relative change of v between opposite directions): `{json.dumps(m['text_sensitivity'])}`.")
-    evals = "; ".join(
-        f"step {e['step']}: colour {e['colour_acc']:.0%}, direction {e['direction_acc']:.0%}" for e in record.get("evals", [])
-    )
-    if evals:
-        lines += ["", f"Evaluations during training (EMA weights, same prompts, decoded by the run's VAE as it was at that point): {evals}."]
-    lines += ["", "| prompt | colour seen | direction seen | ok |", "|---|---|---|---|"]
-    for r in m["per_prompt"]:
-        ok = " + ".join(k for k, v in (("colour", r["colour_ok"]), ("direction", r["direction_ok"])) if v) or "—"
-        lines.append(f"| {r['prompt']} | {r['colour'] or 'none'} | {r['direction'] or 'no clear line'} | {ok} |")
-    cos = m["velocity_cosine_mean"]
-    lines += ["", "Velocity cosine, mean over the prompts, per step (step i = cos(v_i, v_i+1)): "
-              + ", ".join(f"{v:.3f}" for v in cos) + "."]
-    if m.get("velocity_cosine_every_step_mean"):
-        lines += ["", f"The dip at step {m['first_guided_step']} is where guidance starts (v changes from the prompt's "
-                  "velocity to the CFG velocity). With CFG 7 at every step (the paper's Figure 5 setting): "
-                  + ", ".join(f"{v:.3f}" for v in m["velocity_cosine_every_step_mean"]) + "."]
-    return "\n".join(lines)
-
-
-def update_doc(doc: Path, record: dict) -> None:
-    """Replace the block between the markers in ``doc`` with the record's figures."""
-    text = doc.read_text()
-    if DOC_BEGIN not in text or DOC_END not in text:
-        raise ValueError(f"{doc}: markers {DOC_BEGIN!r} ... {DOC_END!r} not found")
-    head, rest = text.split(DOC_BEGIN, 1)
-    _, tail = rest.split(DOC_END, 1)
-    doc.write_text(head + DOC_BEGIN + "\n" + figures_markdown(record) + "\n" + DOC_END + tail)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -433,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--img", default=None, help="write velocity_cosine.png and shapes_samples.png here")
     ap.add_argument("--json", default=None, help="write the figures as JSON here")
     ap.add_argument("--diagnostics", action="store_true", help="also sample with Open-Sora's 512^2 transform base")
-    ap.add_argument("--seeds", type=int, default=1, help="score the prompts with noise seeds 0 .. N-1 (default 1)")
+    ap.add_argument("--seeds", type=int, default=len(EVAL_SEEDS), help="score the prompts with noise seeds 0 .. N-1")
     ap.add_argument("--ship", default=None, metavar="RUN_DIR", help="copy this recipe output into the package, measured")
     ap.add_argument(
         "--remeasure", action="store_true", help="measure the shipped files again and rewrite their training.json figures"
@@ -446,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
         help="rewrite the shipped model's figures block in this Markdown file from its training.json "
         "(alone: without sampling anything)",
     )
+    ap.add_argument("--selection", default=None, metavar="T,T,...",
+                    help="score --model on the selection prompts and seeds for these guidance intervals (1000: every step)")
     args = ap.parse_args(argv)
 
     def write_doc() -> None:
@@ -460,7 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     def run(model_dir: Path) -> dict:
         return measure(model_dir, img, args.diagnostics, args.seeds)
 
-    if args.ship:
+    if args.selection:
+        guidance = [None if float(v) >= 1000 else float(v) for v in args.selection.split(",")]
+        out = selection(Path(args.model), guidance)
+    elif args.ship:
         out = ship(args.ship, run, args.checkpoint, vae_dir=args.vae)["measured"]
         print(f"shipped {args.ship} ({args.checkpoint or 'final'}) to {SHIPPED_DIR}")
     elif args.remeasure:
