@@ -268,14 +268,18 @@ def blob_labels(mask: np.ndarray) -> np.ndarray:
 
 def blob_counts(mask: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
     """Per frame, the number of separate objects: 4-connected parts of the object mask [F,H,W]
-    with at least the minimum object area (specks and edge noise do not count).
-    ``labels``: ``blob_labels(mask)`` if already computed."""
+    with at least the minimum object area (specks and edge noise do not count). Parts one pixel
+    apart count as one object: a video file's 4:2:0 chroma leaves a sharp edge's row of pixels
+    close to the background's colour, which cuts that edge's outer row off the object.
+    ``labels`` is not used (kept for callers that computed ``blob_labels(mask)``)."""
     F, H, W = mask.shape
     min_area = max(4, int(MIN_AREA_FRACTION * H * W))
-    labels = blob_labels(mask) if labels is None else labels
+    pad = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
+    bridged = mask | pad[:, :-2, 1:-1] | pad[:, 2:, 1:-1] | pad[:, 1:-1, :-2] | pad[:, 1:-1, 2:]
+    joined = np.where(mask, blob_labels(bridged), 0)
     counts = np.zeros(F, dtype=np.int64)
     for f in range(F):
-        _, sizes = np.unique(labels[f][labels[f] > 0], return_counts=True)
+        _, sizes = np.unique(joined[f][joined[f] > 0], return_counts=True)
         counts[f] = int((sizes >= min_area).sum())
     return counts
 
