@@ -114,12 +114,13 @@ def markdown(result: dict, command: str) -> str:
         f"`{command}`",
         "",
         f"{result['geometry']}, one prompt ({result['prompt']!r}), {result['steps']} steps, {result['threads']} threads. "
-        f"Rows in their own processes, cold; {', '.join(DECIDING)} in {result['rounds']} alternating rounds "
-        "(fastest kept), the others once. The torch rows leave out making their weights (`init`).",
+        "Rows in their own processes, cold; each row's rounds are in the `rounds` column (the deciding rows, "
+        f"{', '.join(DECIDING)}, at least twice in alternating rounds; the fastest kept). The torch rows leave out "
+        "making their weights (`init`).",
         "",
         "| row | text encoder s | transformer s | calls | s/call | VAE s | total s | vs torch fp32 | peak RSS GB | "
-        "loaded GB | load exposed s | engines |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "loaded GB | load exposed s | rounds | engines |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         s = r["seconds"]
@@ -131,7 +132,8 @@ def markdown(result: dict, command: str) -> str:
             f"| {name} | {s['text_encoder']:.1f} | {s['transformer']:.1f} | {evals}{'' if evals == calls else f' of {calls}'}"
             f" | {s['transformer_per_call']:.2f} | {s['vae']:.1f} | **{s['total']:.1f}** | "
             f"{r.get('speedup_vs_torch_fp32', float('nan')):.2f}x | {r['peak_rss_bytes'] / 1e9:.2f} | "
-            f"{r.get('bytes_loaded', 0) / 1e9:.1f} | {r.get('load_exposed_s', 0):.1f} | {engines} |")
+            f"{r.get('bytes_loaded', 0) / 1e9:.1f} | {r.get('load_exposed_s', 0):.1f} | "
+            f"{len(r.get('rounds_total_s', [])) or 1} | {engines} |")
     d = result["derived"]
     lines += ["", "| ratio | value |", "|---|---|"]
     for k, v in d.items():
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     ap.add_argument("--rows", default=None, help="comma-separated subset to (re-)run; merged into an existing result")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--fresh", action="store_true", help="with --rows: drop those rows' earlier rounds")
     ap.add_argument("--prompt", default="a red circle moving right")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name}.json"
     old = json.loads(path.read_text()) if args.rows and path.is_file() else {}
-    rows: dict[str, dict] = {k: v for k, v in old.get("rows", {}).items() if k not in names}
+    # re-run rows add rounds to what the result holds (the fastest kept) unless --fresh drops it
+    rows: dict[str, dict] = {k: v for k, v in old.get("rows", {}).items() if not (args.fresh and k in names)}
 
     def write() -> None:
         order = [n for n in specs if n in rows]
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "command": "python -m benchmarks.e2e_real " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
             "bundle": args.bundle, "geometry": f"{geometry[0]}x{geometry[1]}, {geometry[2]} frames",
-            "prompt": args.prompt, "steps": args.steps, "threads": args.threads, "rounds": args.rounds,
+            "prompt": args.prompt, "steps": args.steps, "threads": args.threads,
+            "rounds": max([len(r.get("rounds_total_s", [])) for r in ordered.values()] or [args.rounds]),
             "budget_bytes": parse_bytes(BUDGET),
             "rows": ordered,
         }
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{args.name}.md").write_text(markdown(result, result["command"]))
         chart(result, args.out / f"{args.name}.png")
 
-    rounds_s: dict[str, list[float]] = {}
+    rounds_s: dict[str, list[float]] = {k: list(v.get("rounds_total_s", [])) for k, v in rows.items()}
     failed: list[str] = []
     for i, name in enumerate(schedule(names, args.rounds)):
         module, spec = specs[name]

@@ -95,12 +95,13 @@ def tiny_transformer_even(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_transformer_dynamo(tmp_path_factory):
-    """The tiny transformer with the default exporter (dynamo), every graph verified against torch."""
+    """The tiny transformer from the dynamo exporter, every graph verified against torch."""
     from sorakit.export.exporter import ExportSettings, export_bundle
     from sorakit.presets import tiny_preset
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-dynamo"
-    report = export_bundle(ExportSettings(tiny_preset(), 64, 64, 17, components=("transformer",)), out)
+    report = export_bundle(ExportSettings(tiny_preset(), 64, 64, 17, components=("transformer",), exporter="dynamo"),
+                           out)
     return out, report
 
 

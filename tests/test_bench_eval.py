@@ -56,7 +56,7 @@ def test_bench_on_the_small_preset(tiny_bundle, tmp_path):
     data = json.loads((out / "bench.json").read_text())
     rows = data["rows"]
     assert list(rows) == ["torch eager fp32", "ORT fp32 (all resident)", "+LPL", "+TDTM", "+CI-DL", "+int8",
-                          "all (LPL+TDTM+CI-DL+int8)"]
+                          "all (LPL+TDTM+CI-DL+int8/bf16+text tokens+step cache)"]
     assert rows["+LPL"]["transformer_calls"] == 3  # leap after 2 of 4 steps: 2 + 1 calls
     assert rows["ORT fp32 (all resident)"]["transformer_calls"] == 4
     assert rows["+CI-DL"]["loads"] > rows["ORT fp32 (all resident)"]["loads"]
@@ -73,17 +73,28 @@ def test_bench_on_the_small_preset(tiny_bundle, tmp_path):
     assert bad.returncode != 0 and "--rounds" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+def test_best_settings_name_every_pass_they_need():
+    """The best rows build their bundle from BEST["passes"]: each setting that needs a pass's
+    output names that pass (eval's best row once lacked the TDTM variants it runs)."""
+    from sorakit.evaluation.best import BEST
+    from sorakit.graph_passes.registry import known
+
+    assert set(BEST["passes"]) <= set(known())
+    assert (BEST["tdtm_steps"] > 0) <= ("tdtm" in BEST["passes"])
+    assert set(BEST["pass_settings"]) <= set(BEST["passes"])
+
+
 def test_eval_on_the_small_preset(tiny_bundle, tmp_path):
     out = tmp_path / "eval"
     res = _cli("eval", "--bundle", str(tiny_bundle[0]), "--out", str(out), "--steps", "4", "--prompts", "2",
                "--lpl", "2,dynamic:start=1", "--tdtm", "2", "--precisions", "int8", "--work", str(tmp_path / "work"),
-               "--repeats", "2")
+               "--repeats", "2", "--step-cache", "0.2")
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((out / "eval.json").read_text())
     assert data["timing_repeats"] == 2 and "fastest of 2 runs, taken in rounds" in (out / "eval.md").read_text()
     assert data["rows"]["reference"]["transformer_speedup"] == 1.0
     rows = data["rows"]
-    assert set(rows) == {"reference", "lpl 2", "lpl dynamic:start=1", "tdtm 2", "int8"}
+    assert set(rows) == {"reference", "lpl 2", "lpl dynamic:start=1", "tdtm 2", "int8", "cache 0.2"}
     assert rows["reference"]["ssim"] == pytest.approx(1.0)
     assert rows["lpl 2"]["transformer_calls"] == 3  # 2 steps then the leap (both prompts in each call)
     assert 0 < rows["tdtm 2"]["ssim"] < 1 and 0 < rows["int8"]["ssim"] <= 1

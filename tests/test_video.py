@@ -395,7 +395,7 @@ def test_mp4_needs_neither_imageio_nor_pillow(tmp_path):
 def test_cli_checks_the_output_before_generating(tmp_path):
     """`sorakit generate` rejects a bad --fps or --out before it looks for a model."""
     (tmp_path / "d.mp4").mkdir()
-    for args, message in [(["--fps", "0"], "fps must be a positive finite number, got 0"),
+    for args, message in [(["--fps", "0"], "--fps must be at least 1, got 0"),
                           (["--out", str(tmp_path / "v.webm")], "use a .mp4 or .gif file name"),
                           (["--out", str(tmp_path / "d.mp4")], "is a directory")]:
         res = subprocess.run([sys.executable, "-m", "sorakit", "generate", "a red circle", "--bundle",

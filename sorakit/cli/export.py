@@ -45,8 +45,8 @@ def export(
     dynamic: Annotated[bool, typer.Option(help="Dynamic batch/frame/size dimensions (CPU use; Core ML wants static)")] = False,
     granularity: Annotated[str, typer.Option(help="Transformer graphs: pair (spatial+temporal block), single, or N pairs")] = "pair",
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
-    exporter: Annotated[str, typer.Option(help="dynamo (torch.export) or torchscript (legacy; twice as fast on tiny "
-                                                "models, docs/export.md)")] = "dynamo",
+    exporter: Annotated[str, typer.Option(help="torchscript or dynamo (torch.export: less memory, but no TDTM on its "
+                                                "static graphs; docs/export.md)")] = "torchscript",
     t5_embedding_outside: Annotated[bool, typer.Option(help="Keep T5's token table out of the graph (Core ML: dims > 16384)")] = False,
     verify: Annotated[bool, typer.Option(help="Check every graph against torch, and the bundle end to end")] = True,
     as_json: JsonOpt = False,

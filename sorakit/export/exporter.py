@@ -38,7 +38,7 @@ from sorakit.presets import ModelPreset, check_geometry, decode_chunks
 from sorakit.runtime.sampler import initial_noise
 
 log = logging.getLogger(__name__)
-EXPORTERS = ("dynamo", "torchscript")  # the first is the default (docs/export.md: "Exporter")
+EXPORTERS = ("torchscript", "dynamo")  # the first is the default (docs/export.md: "Exporter")
 
 
 @dataclass
@@ -50,9 +50,10 @@ class ExportSettings:
     static: bool = True
     granularity: str = "pair"
     opset: int = 18
-    # dynamo (torch.export): as fast as TorchScript on real-size blocks and 30-60 % less peak RSS
-    # (docs/benchmarks/exporters.md); TorchScript, which torch 2.13 calls legacy, stays selectable
-    exporter: str = "dynamo"
+    # TorchScript: dynamo (torch.export) is as fast on real-size blocks with 30-60 % less peak RSS
+    # (docs/benchmarks/exporters.md), but its static graphs hold the frame count in reshape
+    # constants, so TDTM variants cannot be built from them (docs/export.md, "Exporter")
+    exporter: str = "torchscript"
     components: tuple[str, ...] = models.COMPONENTS
     verify: bool = True
     seed: int = 0  # random weights

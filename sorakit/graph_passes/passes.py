@@ -76,6 +76,13 @@ class TDTMPass(GraphPass):
             raise SorakitError("pass 'tdtm' needs the transformer component, which this bundle lacks")
         if not manifest.static:
             raise SorakitError("pass 'tdtm' needs static shapes; add 'pin' before it (--passes pin,tdtm ...)")
+        if (manifest.export or {}).get("exporter") == "dynamo" and not any(p["name"] == "pin" for p in manifest.passes):
+            # dynamo writes a static graph's reshape targets as constants holding the frame count,
+            # so a merged (shorter) time axis no longer fits them inside the TDTM regions
+            raise SorakitError("pass 'tdtm' cannot merge frames in static graphs from the dynamo exporter (their "
+                               "reshape targets are constants holding the frame count)",
+                               hint="export with --exporter torchscript (the default), or --dynamic and then "
+                                    "--passes pin,tdtm")
 
     def targets(self, manifest):
         return [(c, g) for c, g in _all(manifest, ("transformer",)) if g.role == "block"]

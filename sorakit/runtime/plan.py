@@ -11,6 +11,9 @@ per component, the choice that should take the least time **within the memory bu
 * components run once per video (text encoder, VAE) are streamed anyway: the choice with the
   least load plus run time wins, provided its largest graph fits.
 
+Without a budget, a choice whose graphs the machine's available memory cannot hold resident is
+left out (OpenVINO's compiled bf16 T5-XXL would take ~45 GB).
+
 Time and memory are estimated from the graphs' FLOPs and bytes with the factors below,
 measured on a real-size STDiT3 block pair (118 GFLOP, 170 MB fp32) on the project's 2-core
 AVX512-BF16 machine (``docs/benchmarks.md``, "engines"). The estimates only rank the
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from sorakit.bundle.io import Bundle
 from sorakit.bundle.manifest import GraphEntry
 from sorakit.errors import SorakitError
+from sorakit.memory import available_memory
 from sorakit.profiles import OPENVINO
 from sorakit.runtime.session import ORT, ProviderPlan
 
@@ -165,6 +169,9 @@ def make_plan(bundle: Bundle, providers: ProviderPlan, budget: int | None, steps
             seconds, resident = _estimate(bundle, graphs, choice, calls, resident_loads)
             largest = max(_estimate(bundle, [g], choice, calls, resident_loads)[1] for g in graphs)
             options.append((choice, seconds, resident, largest))
+        if budget is None:  # no budget: still nothing the machine cannot hold resident
+            room = available_memory()
+            options = [o for o in options if o[2] <= room] or [min(options, key=lambda o: o[2])]
         if comp == "transformer" and budget is not None:
             fitting = [o for o in options if o[2] <= budget]
             if fitting:
