@@ -128,9 +128,17 @@ def test_cache_command_shows_verifies_and_clears(built_cache, tmp_path):
     data = json.loads(out)
     assert code == 0 and data["path"] == str(path) and data["ok"]  # sizes only without --verify
 
+    blobs = Path(cache) / "openvino"  # an engine's compiled graphs: shown with their size, cleared too
+    blobs.mkdir()
+    (blobs / "1234.blob").write_bytes(b"\0" * 3000)
+    code, out, err = finish(sorakit("cache", "--json", cache=cache, cwd=tmp_path))
+    assert json.loads(out)["engine_caches"] == {"openvino": {"path": str(blobs), "bytes": 3000}}
+    code, out, err = finish(sorakit("cache", cache=cache, cwd=tmp_path))
+    assert f"openvino compiled graphs: {blobs}, 3.00 KB" in out.replace("\n", ""), out
+
     code, out, err = finish(sorakit("cache", "--clear", cache=cache, cwd=tmp_path))
-    assert code == 0 and "removed 1 item" in out
-    assert not path.exists()
+    assert code == 0 and "removed 1 item" in out and f"removed the compiled-graph cache {blobs}" in out.replace("\n", "")
+    assert not path.exists() and not blobs.exists()
     code, out, err = finish(sorakit("cache", "--verify", cache=cache, cwd=tmp_path))
     assert code == 0 and "not built yet" in out
 

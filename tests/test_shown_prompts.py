@@ -89,8 +89,21 @@ def test_the_shown_prompts_are_found(prompts):
     assert len(prompts) >= 4, prompts
 
 
+# What the shipped model gets wrong today, checked both ways: a new miss fails the test, and so
+# does a miss that went away (then delete it here). The shipped model predates shape training:
+# it draws every shape round (issue 21; docs/training.md, "Shape"), and at seed 0 it draws the
+# README's first prompt's circle magenta.
+KNOWN_MISSES = {
+    ("a red circle moving right", 0): ["colour_ok"],
+    ("a blue square moving up on a white background", 3): ["shape_ok"],
+    ("green box going upwards, white background", 0): ["shape_ok"],
+    ("the blue diamond moves to the left against a grey background", 0): ["shape_ok"],
+}
+
+
 def test_every_shown_prompt_generates_what_it_says(prompts, tmp_path):
-    """`sorakit generate PROMPT --seed N --out x.mp4` (the shipped model, its default settings)."""
+    """`sorakit generate PROMPT --seed N --out x.mp4` (the shipped model, its default settings)
+    follows every shown prompt, but for the KNOWN_MISSES above, exactly."""
     from sorakit.runtime.video import read_video
 
     env = os.environ | {"SORAKIT_CACHE": str(tmp_path / "cache")}
@@ -103,7 +116,9 @@ def test_every_shown_prompt_generates_what_it_says(prompts, tmp_path):
         missed = [k for k in ("colour_ok", "shape_ok", "direction_ok", "background_steady") if not r[k]]
         if r["background_ok"] is False:
             missed.append("background_ok")
-        if missed:
-            wrong.append(f"{prompt!r} seed {seed} ({', '.join(where)}): {missed}; seen {r['colour']} {r['shape']} "
-                         f"{r['direction']} on {r['background']}")
-    assert not wrong, "\n".join(wrong)
+        known = KNOWN_MISSES.get((prompt, seed), [])
+        if missed != known:
+            wrong.append(f"{prompt!r} seed {seed} ({', '.join(where)}): missed {missed}, known {known}; seen "
+                         f"{r['colour']} {r['shape']} {r['direction']} on {r['background']}")
+    stale = [k for k in KNOWN_MISSES if k not in prompts]
+    assert not wrong and not stale, "\n".join(wrong + [f"no longer shown: {k}" for k in stale])
