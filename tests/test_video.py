@@ -396,8 +396,8 @@ def test_cli_checks_the_output_before_generating(tmp_path):
     """`sorakit generate` rejects a bad --fps or --out before it looks for a model."""
     (tmp_path / "d.mp4").mkdir()
     for args, message in [(["--fps", "0"], "--fps must be at least 1, got 0"),
-                          (["--out", str(tmp_path / "v.webm")], "use a .mp4 or .gif file name"),
-                          (["--out", str(tmp_path / "d.mp4")], "is a directory")]:
+                          (["--out", str(tmp_path / "v.webm")], "use a file name ending in .mp4 or .gif"),
+                          (["--out", str(tmp_path / "d.mp4")], "it is an existing directory")]:
         res = subprocess.run([sys.executable, "-m", "sorakit", "generate", "a red circle", "--bundle",
                               str(tmp_path / "no-bundle"), "--out", str(tmp_path / "v.mp4"), *args],
                              capture_output=True, text=True, timeout=120)
