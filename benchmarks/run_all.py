@@ -180,8 +180,10 @@ def main() -> None:
              f"{machine.get('onnxruntime', '?')}, Python {machine.get('python', '?')}. {TARGETS_NOTE}", "",
              "Reproduce everything with `make bench` (= `python -m benchmarks.run_all --out docs/benchmarks`).", "",
              "## Targets", ""] + targets(bench, ev, real)
+    # `sorakit eval --best` on the shipped model (the settings the best-* rows time), when run apart
+    ev_best = load(a.out / "eval-best.json") or ev
     if e2e:
-        parts += e2e_targets(e2e, ev, bench)
+        parts += e2e_targets(e2e, ev_best, bench)
     parts += [""]
     if e2e:
         parts += ["## End to end at real size (`python -m benchmarks.e2e_real`)", "",
@@ -189,7 +191,9 @@ def main() -> None:
                   "## Levers: what each gave", "",
                   "Each lever added alone to the plain ONNX Runtime fp32 run (real size, one process each), and its "
                   "quality on the shipped model (`sorakit eval`, SSIM against the full 30-step fp32 video):", ""]
-        parts += levers_table(e2e, ev) + [""]
+        parts += levers_table(e2e, ev_best) + [""]
+        if ev_best is not ev:
+            parts += ["Quality columns: `eval-best.md` (the best settings and each lever they combine, one run).", ""]
         levers_notes = a.out / "levers.md"
         if levers_notes.is_file():
             parts += [levers_notes.read_text(), ""]
