@@ -242,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {r['seconds']['total']:.1f} s (text {r['seconds']['text_encoder']:.1f}, transformer "
               f"{r['seconds']['transformer']:.1f}, VAE {r['seconds']['vae']:.1f}), peak {r['peak_rss_bytes'] / 1e9:.2f} GB",
               flush=True)
+        peak = max(r["peak_rss_bytes"], rows.get(name, {}).get("peak_rss_bytes", 0))  # memory: the worst round
         if name not in rows or r["seconds"]["total"] < rows[name]["seconds"]["total"]:
-            peak = max(r["peak_rss_bytes"], rows.get(name, {}).get("peak_rss_bytes", 0))
-            rows[name] = {**r, "peak_rss_bytes": peak}  # memory: the worst round
+            rows[name] = r
+        rows[name]["peak_rss_bytes"] = peak
         rows[name]["rounds_total_s"] = rounds_s[name]
         write()  # after every row: a long run stopped midway keeps what it measured
     print(f"wrote {path}, {args.name}.md, {args.name}.png")

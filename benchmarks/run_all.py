@@ -187,7 +187,7 @@ def main() -> None:
     parts += [""]
     if e2e:
         parts += ["## End to end at real size (`python -m benchmarks.e2e_real`)", "",
-                  (a.out / "e2e-real.md").read_text(), "", "![time per component](benchmarks/e2e-real.png)", "",
+                  (a.out / "e2e-real.md").read_text().split("\n", 1)[1].lstrip("\n"), "", "![time per component](benchmarks/e2e-real.png)", "",
                   "## Levers: what each gave", "",
                   "Each lever added alone to the plain ONNX Runtime fp32 run (real size, one process each), and its "
                   "quality on the shipped model (`sorakit eval`, SSIM against the full 30-step fp32 video):", ""]
