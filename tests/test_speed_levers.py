@@ -139,7 +139,8 @@ def test_openvino_engine_matches_onnx_runtime(shipped):
     f32 = DeviceProfile(**{**base.__dict__, "name": "cpu-f32-ov",
                            "providers": (ProviderSpec("OpenVINO", {"INFERENCE_PRECISION_HINT": "f32"}),
                                          ProviderSpec("CPUExecutionProvider"))})
-    ov32 = Pipeline.from_bundle(shipped, device=f32, precision="f32")
+    ov32 = Pipeline.from_bundle(shipped, device=f32, precision="f32")  # f32: OpenVINO only
+    assert set(ov32.plan.engines().values()) == {"OpenVINO f32"}, ov32.plan.engines()
     got32 = ov32(PROMPT, steps=8, seed=2)
     assert np.abs(got32.latents - ref.latents).max() < 2e-3
     assert np.abs(got32.frames.astype(int) - ref.frames.astype(int)).max() <= 2

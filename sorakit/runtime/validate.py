@@ -59,7 +59,7 @@ def memory_budget(spec: Any, force: bool = False, name: str = "memory_budget") -
     return n
 
 
-PRECISIONS = ("fp32", "int8", "bf16", "fp16")
+PRECISIONS = ("fp32", "int8", "bf16", "fp16", "f32")  # f32: OpenVINO computing in fp32 (fp32 lets the plan choose)
 
 
 def open_args(path: Any, device: Any, memory_budget_: Any, strict: Any, threads: Any, prefetch: Any, verify: Any,
