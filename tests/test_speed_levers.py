@@ -205,3 +205,24 @@ def test_e2e_benchmark_writes_json_markdown_and_png(levers_bundle, tmp_path):
     md = (out / "e2e-real.md").read_text()
     assert "| best-3.3GB |" in md and "speedup_vs_torch_fp32" in md
     assert (out / "e2e-real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_without_a_budget_leaves_out_what_the_machine_cannot_hold(levers_bundle, monkeypatch):
+    """No budget: a choice whose graphs the available memory cannot hold resident is left out
+    (the smallest one is kept when none fits)."""
+    import dataclasses
+
+    from sorakit.bundle.io import Bundle
+    from sorakit.runtime import plan as plan_mod
+
+    # int8 estimated slow here, so that the fastest choice is the larger fp32 one
+    slow = dataclasses.replace(plan_mod.COSTS[(plan_mod.ORT, "int8")], gflops=1e-3)
+    monkeypatch.setitem(plan_mod.COSTS, (plan_mod.ORT, "int8"), slow)
+    pipe = Pipeline.from_bundle(levers_bundle, memory_budget="unlimited", device="cpu")
+    roomy = plan_mod.make_plan(Bundle.open(levers_bundle), pipe.providers, None)
+    assert roomy.choice("transformer").precision == "fp32"  # the fastest estimate, with room for it
+    tr = roomy.components["transformer"].resident_bytes
+    monkeypatch.setattr(plan_mod, "available_memory", lambda: tr - 1)
+    tight = plan_mod.make_plan(Bundle.open(levers_bundle), pipe.providers, None)
+    assert tight.choice("transformer").tag == "int8"
+    assert tight.components["transformer"].resident_bytes < tr
