@@ -100,7 +100,7 @@ def train_temporal_vae(
     history = []
     with prog:
         for step in range(cfg.temporal_steps):
-            set_lr(opt, lr_at(step, cfg.temporal_steps, cfg.temporal_lr, max(cfg.temporal_steps // 10, 1), 0.6))
+            set_lr(opt, lr_at(step, cfg.temporal_steps, cfg.temporal_lr, max(cfg.temporal_steps // 10, 1), cfg.temporal_decay_from))
             idx = rng.integers(N, size=cfg.temporal_batch)
             xz = torch.from_numpy(s_mean[idx])
             mean, logvar = tvae.encode_moments(xz)
