@@ -34,6 +34,7 @@ class RecipeConfig:
     temporal_steps: int = 1500  # 500 left the temporal VAE unconverged on objects of half size 11-15 (docs/training.md)
     temporal_batch: int = 8
     temporal_pixel_frames: int = 2  # frames per clip decoded for the pixel loss
+    temporal_pixel_weight: float = 1.0  # weight of that pixel loss against the normalised latent MSE
     temporal_lr: float = 1e-3
     # cosine decay from 10 % of the run on: at the full rate the latent error of the larger
     # shapes stayed at 0.8 and fell only once the rate decayed (docs/training.md, "Shape")

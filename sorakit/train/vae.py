@@ -114,7 +114,7 @@ def train_temporal_vae(
             x = to_unit(videos[idx[:, None], frames.numpy()].reshape(-1, *videos.shape[2:]))
             pix = spatial.decode_frames(rec_frames)
             pix_loss = weighted_recon_loss(pix, x, object_weights(x, cfg.object_weight))
-            loss = lat_loss + pix_loss + cfg.kl_weight * kl
+            loss = lat_loss + cfg.temporal_pixel_weight * pix_loss + cfg.kl_weight * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(tvae.parameters(), cfg.grad_clip)
