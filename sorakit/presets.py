@@ -286,7 +286,7 @@ def shapes_preset() -> ModelPreset:
             depth=4,
             hidden_size=192,
             num_heads=6,
-            in_channels=16,  # the temporal VAE's 16 latent channels
+            in_channels=8,
             caption_channels=128,
             model_max_length=24,
             caption_to_time=True,
@@ -295,11 +295,9 @@ def shapes_preset() -> ModelPreset:
         ),
         vae=VAEConfig(
             spatial=SpatialVAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
-            # 16 latent channels for 4 frames of 4 spatial channels: with 8 the temporal VAE turned
-            # every shape into a round blob (docs/training.md, "Shape")
             temporal=TemporalVAEConfig(
-                latent_embed_dim=16,
-                embed_dim=16,
+                latent_embed_dim=8,
+                embed_dim=8,
                 filters=16,
                 num_res_blocks=1,
                 channel_multipliers=(1, 2, 2, 2),
@@ -307,8 +305,8 @@ def shapes_preset() -> ModelPreset:
             ),
             # per-channel mean/std of the trained VAE's latents (measured by the recipe, see docs/training.md);
             # the mean is 0 because the recipe folds a centring and whitening map into the temporal VAE
-            shift=(0.0,) * 16,
-            scale=(1.0,) * 16,  # placeholder until the run's measured values are written here
+            shift=(0.0,) * 8,
+            scale=(1.0,) * 8,  # placeholder until the run's measured values are written here
         ),
         t5=T5Config(vocab_size=512, d_model=128, d_kv=32, d_ff=256, num_layers=3, num_heads=4, max_length=24),
         # guidance interval: CFG 7 only at t <= 800, the last 19 of 30 steps (docs/training.md, "Guidance at high noise")
