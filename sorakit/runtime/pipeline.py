@@ -178,8 +178,9 @@ class Pipeline:
 
         ``device`` names a profile (cpu, cpu-bf16, iphone-15-pro, mac, android); ``memory_budget``
         is the process's memory, bytes or a string like "2GB" or "40%" (of available memory),
-        default the profile's; "unlimited" keeps every graph resident; a budget above physical
-        memory needs ``force_budget``. ``precision`` forces one (fp32, int8, bf16) instead of the
+        default the profile's; "unlimited" sets no limit of its own (graphs stay resident while
+        physical memory holds them; when it does not, a finished phase's graphs go first); a
+        budget above physical memory needs ``force_budget``. ``precision`` forces one (fp32, int8, bf16) instead of the
         execution plan's choice per component. Every argument is checked first
         (``sorakit.runtime.validate``).
         """
