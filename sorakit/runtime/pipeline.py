@@ -421,7 +421,7 @@ class Pipeline:
 
         ``steps``/``cfg`` default to the bundle's sampler settings (30, 7.0 for Open-Sora).
         ``cfg_max_t``: the guidance interval, CFG only at timesteps <= it (the prompt's velocity
-        alone above); None: the bundle's setting (800 for the shipped model, every step for
+        alone above); None: the bundle's setting (400 for the shipped model, every step for
         Open-Sora); 1000 or more: every step.
         ``lpl``: None/"off", "15" (15 steps then a leap), "dynamic[:start=14,tol=1e-3,patience=3]".
         ``tdtm_steps``: the first m steps use the TDTM block variants (needs ``sorakit optimize
