@@ -199,26 +199,34 @@ def test_unlimited_releases_a_finished_phase_when_the_machine_cannot_hold_everyt
     vae = [g.name for g in pipe.vae_temporal + pipe.vae_spatial]
     assert set(te + chain + vae) <= set(s.sessions)  # room for everything: all resident
     cost = {n: s.costs[n].estimate for n in te + chain + vae}
-    working = max(s.working_estimate(g) for g in pipe._step_chain(False) + pipe.vae_temporal + pipe.vae_spatial)
-    te_bytes = sum(cost[n] for n in te)
-    limit = sum(cost[n] for n in chain + vae) + working + te_bytes // 2  # not the text encoder too
-    assert sum(cost.values()) > limit
+    working = max(s.working_estimate(g) for g in pipe._step_chain(False))  # the denoising phase's
+    # room for the denoising and decoding graphs, not for any text-encoder graph beside them
+    limit = sum(cost[n] for n in chain + vae) + working + min(cost[n] for n in te) // 2
+    assert sum(cost.values()) + working > limit
 
     def available():  # a machine with `limit` for our graphs: what the sessions hold is taken
         return int(limit / s.ROOM_SHARE) - sum(s.costs[n].estimate for n in s.sessions)
 
     monkeypatch.setattr(sched_mod, "available_memory", available)
     seen: dict[str, set] = {}
-    got = pipe("a red circle moving right", seed=3, steps=4,
-               callback=lambda p: seen.setdefault(f"{p.stage}{p.index}", set(s.sessions)))
+    planned: dict[str, set] = {}
+
+    def watch(p):
+        seen.setdefault(f"{p.stage}{p.index}", set(s.sessions))
+        planned.setdefault(f"{p.stage}{p.index}", set(s.resident))
+
+    got = pipe("a red circle moving right", seed=3, steps=4, callback=watch)
     assert set(te) <= seen["text1"]  # loaded for the prompt, then released for the denoising:
     assert not set(te) & seen["denoise1"], "the text encoder stayed resident beside the transformer"
+    assert set(chain) <= seen["denoise1"] and set(chain) <= planned["denoise1"]  # no streaming
     assert not set(te) & set(s.sessions)
-    assert set(chain) <= set(s.sessions) and set(chain) <= set(s.resident)  # no streaming
-    assert np.array_equal(got.frames, want.frames) and np.array_equal(got.latents, want.latents)
+    # a graph reloaded as a streamed session skips weight prepacking (another GEMM path): equal up
+    # to float rounding, as in the budget test above
+    assert np.abs(got.frames.astype(int) - want.frames.astype(int)).max() <= 1
+    assert np.abs(got.latents - want.latents).max() < 1e-4
     again = pipe("a red circle moving right", seed=3, steps=4)  # the text encoder loads again
     assert again.memory.loads >= len(te)
-    assert np.array_equal(again.frames, want.frames)
+    assert np.abs(again.frames.astype(int) - want.frames.astype(int)).max() <= 1
 
 
 def test_repeated_generations_do_not_grow_rss(shapes_random_bundle):

@@ -209,11 +209,11 @@ class BlockScheduler:
         names = [g.name for g in self.order]
         by_name = {g.name: g for g in self.order}
         limit = self.limit()
-        if self.budget is None and sum(self.costs[n].estimate for n in names) <= limit:
+        active = self.active or set(names)
+        working = max((self.working_estimate(by_name[n]) for n in active), default=0)
+        if self.budget is None and sum(self.costs[n].estimate for n in names) + working <= limit:
             self.resident = set(names)  # unbudgeted and the machine holds everything
         else:
-            active = self.active or set(names)
-            working = max((self.working_estimate(by_name[n]) for n in active), default=0)
             ranked = sorted(names, key=lambda n: (n not in active, -self.usage.get(n, 0), names.index(n)))
             chosen: list[str] = []
             for n in ranked:
