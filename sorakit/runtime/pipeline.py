@@ -178,8 +178,9 @@ class Pipeline:
 
         ``device`` names a profile (cpu, cpu-bf16, iphone-15-pro, mac, android); ``memory_budget``
         is the process's memory, bytes or a string like "2GB" or "40%" (of available memory),
-        default the profile's; "unlimited" keeps every graph resident; a budget above physical
-        memory needs ``force_budget``. ``precision`` forces one (fp32, int8, bf16) instead of the
+        default the profile's; "unlimited" sets no limit of its own (graphs stay resident while
+        physical memory holds them; when it does not, a finished phase's graphs go first); a
+        budget above physical memory needs ``force_budget``. ``precision`` forces one (fp32, int8, bf16) instead of the
         execution plan's choice per component. Every argument is checked first
         (``sorakit.runtime.validate``).
         """
@@ -420,7 +421,7 @@ class Pipeline:
 
         ``steps``/``cfg`` default to the bundle's sampler settings (30, 7.0 for Open-Sora).
         ``cfg_max_t``: the guidance interval, CFG only at timesteps <= it (the prompt's velocity
-        alone above); None: the bundle's setting (800 for the shipped model, every step for
+        alone above); None: the bundle's setting (400 for the shipped model, every step for
         Open-Sora); 1000 or more: every step.
         ``lpl``: None/"off", "15" (15 steps then a leap), "dynamic[:start=14,tol=1e-3,patience=3]".
         ``tdtm_steps``: the first m steps use the TDTM block variants (needs ``sorakit optimize

@@ -9,6 +9,10 @@ Concurrent Inference with Dynamic Loading (On-device Sora, section 3), done prop
   across steps while the resident set, plus room to stream the rest two at a time, plus
   the largest working memory, fits the budget. The set is recomputed whenever the usage
   changes (e.g. the switch from TDTM to plain blocks), so it cannot drift.
+* **No budget ("unlimited")** means no limit of sorakit's own, not more memory than the
+  machine has: graphs stay resident while physical memory holds them (all of them on a
+  machine that can), and when a phase needs the room, the graphs of finished phases are the
+  first released (e.g. a 19 GB fp32 T5 once the prompts are encoded).
 * **Prefetch.** While graph i runs, the next non-resident graph's session is built in a
   background thread (ORT releases the GIL). A prefetch error is raised in the caller when
   that graph is needed (or at the end of the call); a prefetch that is no longer wanted
@@ -31,7 +35,7 @@ import numpy as np
 from sorakit.bundle.io import Bundle
 from sorakit.bundle.manifest import GraphEntry
 from sorakit.errors import BudgetError, SorakitError
-from sorakit.memory import PeakRSS, bound_heap, release_memory, rss_bytes
+from sorakit.memory import PeakRSS, available_memory, bound_heap, release_memory, rss_bytes
 from sorakit.runtime.session import ORT, SessionFactory
 from sorakit.units import human_bytes
 
@@ -187,21 +191,36 @@ class BlockScheduler:
         self.active = {g.name for g in (active if active is not None else order) if usage.get(g.name, 0) > 0}
         self._plan()
 
+    # share of the physical room (available memory plus what our sessions hold) that an
+    # unbudgeted run fills: the rest is left to the inputs, outputs and the rest of the machine
+    ROOM_SHARE = 0.9
+
+    def room(self) -> int:
+        """Memory our graphs could hold without a budget: what is available now plus what
+        the sessions held already occupy."""
+        held = sum(self.costs[n].estimate for n in self.sessions)
+        return int((available_memory() + held) * self.ROOM_SHARE)
+
+    def limit(self) -> int:
+        """The memory the graphs' sessions may use: the budget, or without one, the room."""
+        return self.budget if self.budget is not None else self.room()
+
     def _plan(self) -> None:
         names = [g.name for g in self.order]
         by_name = {g.name: g for g in self.order}
-        if self.budget is None:
-            self.resident = set(names)
+        limit = self.limit()
+        active = self.active or set(names)
+        working = max((self.working_estimate(by_name[n]) for n in active), default=0)
+        if self.budget is None and sum(self.costs[n].estimate for n in names) + working <= limit:
+            self.resident = set(names)  # unbudgeted and the machine holds everything
         else:
-            active = self.active or set(names)
-            working = max((self.working_estimate(by_name[n]) for n in active), default=0)
             ranked = sorted(names, key=lambda n: (n not in active, -self.usage.get(n, 0), names.index(n)))
             chosen: list[str] = []
             for n in ranked:
                 trial = chosen + [n]
                 streamed = [self.costs[m].estimate for m in active if m not in trial]
                 reserve = sum(sorted(streamed)[-2:]) if self.prefetch_enabled else max(streamed, default=0)
-                if sum(self.costs[m].estimate for m in trial) + reserve + working <= self.budget:
+                if sum(self.costs[m].estimate for m in trial) + reserve + working <= limit:
                     chosen = trial
             self.resident = set(chosen)
         for name in [n for n in self.sessions if n not in self.resident]:
@@ -288,11 +307,9 @@ class BlockScheduler:
             return False
         if self.costs[g.name].resident is None:
             return False  # first load of a graph is measured alone, without a prefetch beside it
-        if self.budget is None:
-            return True
         held = sum(self.costs[n].estimate for n in self.sessions)
         extra = 0 if running.name in self.sessions else self.costs[running.name].estimate
-        return held + extra + self.costs[g.name].estimate + self.working_estimate(running) <= self.budget
+        return held + extra + self.costs[g.name].estimate + self.working_estimate(running) <= self.limit()
 
     def _start_prefetch(self, g: GraphEntry | None, running: GraphEntry) -> None:
         if g is None or self._pending is not None or not self._can_prefetch(g, running):

@@ -34,7 +34,14 @@ class RecipeConfig:
     temporal_steps: int = 1500  # 500 left the temporal VAE unconverged on objects of half size 11-15 (docs/training.md)
     temporal_batch: int = 8
     temporal_pixel_frames: int = 2  # frames per clip decoded for the pixel loss
+    # weight of that pixel loss against the normalised latent MSE. 0: latent MSE alone. With the
+    # pixel loss (weight 1) the latent error sat at 0.8 for 1,000+ steps and the whole VAE
+    # turned every shape into a blob; without it, 0.04 after 400 steps (docs/training.md, "Shape")
+    temporal_pixel_weight: float = 0.0
     temporal_lr: float = 1e-3
+    # cosine decay from 10 % of the run on (with the pixel loss, the latent error fell only once
+    # the rate decayed; kept for the latent-only loss, which was measured with it)
+    temporal_decay_from: float = 0.1
     encode_batch: int = 64  # frames per spatial-encoder call when encoding the data set
     # decoder fine-tune (encoders frozen: the latents, and the DiT trained on them, stay valid)
     decoder_steps: int = 400

@@ -27,6 +27,7 @@ from sorakit.adherence import (
     SELECTION_PROMPTS,
     SELECTION_SEEDS,
     STEADINESS,
+    describe,
     score_set,
     seed_summary,
     target_misses,
@@ -238,6 +239,34 @@ def scores_by_seed(models: TorchModels, seeds, say=print, prompts=EVAL_PROMPTS) 
     return rows, first
 
 
+@torch.no_grad()
+def vae_roundtrip(vae_dir: Path, clips: int = 200, start: int = 10_000_000) -> dict:
+    """The VAE alone: held-out clips of the data generator encoded (posterior mean), decoded,
+    written to .mp4 and read back like generated videos, and scored; PSNR before the file."""
+    import tempfile
+
+    from sorakit.export.models import load
+    from sorakit.runtime.sampler import to_uint8_video
+    from sorakit.runtime.video import read_video, save_video
+    from sorakit.train.common import psnr, to_unit
+    from sorakit.train.data import make_dataset
+
+    vae = load("vae", Path(vae_dir), shapes_preset()).float().eval()
+    videos, captions, _ = make_dataset(clips, 0, start=start)
+    decoded, errs = [], []
+    for i in range(0, clips, 8):
+        x = to_unit(videos[i : i + 8]).movedim(1, 2)
+        rec = vae.decode(vae.encode(x, sample=False), videos.shape[1])
+        errs.append(psnr(rec, x))
+        decoded.append(to_uint8_video(rec.numpy()))
+    with tempfile.TemporaryDirectory() as d:
+        back = [read_video(save_video(v, Path(d) / f"{i}.mp4")) for i, v in enumerate(np.concatenate(decoded))]
+    s = score_set(back, captions)
+    out = {"clips": clips, "psnr": round(float(np.mean(errs)), 2), **{k: s[k] for k, _, _ in ATTRIBUTES}}
+    print(f"VAE round trip of {clips} held-out clips through .mp4: PSNR {out['psnr']} dB, {describe(s)}")
+    return out
+
+
 def selection(model_dir: Path, guidance: list[float | None]) -> dict:
     """Scores on the selection prompts and seeds (for choices; never the evaluation set), per
     guidance interval (None: CFG at every step)."""
@@ -335,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         help="rewrite the shipped model's figures block in this Markdown file from its training.json "
         "(alone: without sampling anything)",
     )
+    ap.add_argument("--vae-roundtrip", default=None, metavar="VAE_DIR",
+                    help="score the VAE alone: 200 held-out clips encoded, decoded, through .mp4")
     ap.add_argument("--selection", default=None, metavar="T,T,...",
                     help="score --model on the selection prompts and seeds for these guidance intervals (1000: every step)")
     args = ap.parse_args(argv)
@@ -351,7 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     def run(model_dir: Path) -> dict:
         return measure(model_dir, img, args.diagnostics, args.seeds)
 
-    if args.selection:
+    if args.vae_roundtrip:
+        out = vae_roundtrip(Path(args.vae_roundtrip))
+    elif args.selection:
         guidance = [None if float(v) >= 1000 else float(v) for v in args.selection.split(",")]
         out = selection(Path(args.model), guidance)
     elif args.ship:

@@ -78,7 +78,8 @@ def encode_spatial(vae: nn.Module, videos: np.ndarray, batch: int, log: Logger) 
 def train_temporal_vae(
     vae: nn.Module, videos: np.ndarray, s_mean: np.ndarray, s_std: np.ndarray, cfg: RecipeConfig, log: Logger
 ) -> None:
-    """Clips of spatial latents in and out: normalised latent MSE + pixel loss on a few frames.
+    """Clips of spatial latents in and out: normalised latent MSE (+ an optional pixel loss on a
+    few frames through the frozen spatial decoder, off by default: ``temporal_pixel_weight``).
 
     Input and target are the spatial posterior *means*: a first attempt fed posterior samples
     and asked for them back, which made the spatial noise an irreducible target (normalised
@@ -100,7 +101,7 @@ def train_temporal_vae(
     history = []
     with prog:
         for step in range(cfg.temporal_steps):
-            set_lr(opt, lr_at(step, cfg.temporal_steps, cfg.temporal_lr, max(cfg.temporal_steps // 10, 1), 0.6))
+            set_lr(opt, lr_at(step, cfg.temporal_steps, cfg.temporal_lr, max(cfg.temporal_steps // 10, 1), cfg.temporal_decay_from))
             idx = rng.integers(N, size=cfg.temporal_batch)
             xz = torch.from_numpy(s_mean[idx])
             mean, logvar = tvae.encode_moments(xz)
@@ -112,9 +113,10 @@ def train_temporal_vae(
             frames = torch.from_numpy(rng.integers(Fr, size=(cfg.temporal_batch, k)))
             rec_frames = rec[torch.arange(len(idx))[:, None], :, frames].flatten(0, 1)  # [B*k, 4, h, w]
             x = to_unit(videos[idx[:, None], frames.numpy()].reshape(-1, *videos.shape[2:]))
-            pix = spatial.decode_frames(rec_frames)
-            pix_loss = weighted_recon_loss(pix, x, object_weights(x, cfg.object_weight))
-            loss = lat_loss + pix_loss + cfg.kl_weight * kl
+            with torch.set_grad_enabled(cfg.temporal_pixel_weight > 0):  # logged either way
+                pix = spatial.decode_frames(rec_frames)
+                pix_loss = weighted_recon_loss(pix, x, object_weights(x, cfg.object_weight))
+            loss = lat_loss + cfg.temporal_pixel_weight * pix_loss + cfg.kl_weight * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(tvae.parameters(), cfg.grad_clip)
