@@ -36,7 +36,7 @@ from sorakit.bundle.io import Bundle
 from sorakit.bundle.manifest import GraphEntry
 from sorakit.errors import BudgetError, SorakitError
 from sorakit.memory import PeakRSS, available_memory, bound_heap, release_memory, rss_bytes
-from sorakit.runtime.session import ORT, SessionFactory
+from sorakit.runtime.session import ORT, SessionFactory, shrink_arena_options
 from sorakit.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,11 @@ class BlockScheduler:
         loaded = rss_bytes()
         self._peak.reset()
         t0 = time.perf_counter()
-        outs = sess.run([o.name for o in g.outputs], feeds)
+        if self._phase_ends(g, then):
+            # the phase's last run: give the shared arena's memory back for the next phase
+            outs = sess.run([o.name for o in g.outputs], feeds, shrink_arena_options())
+        else:
+            outs = sess.run([o.name for o in g.outputs], feeds)
         self.stats.run_seconds += time.perf_counter() - t0
         peak = self._peak.peak()
         self.stats.peak_rss = max(self.stats.peak_rss, peak)
@@ -361,6 +365,12 @@ class BlockScheduler:
                 self._plan()
         if g.name not in self.resident:
             self._release(g.name)
+
+    def _phase_ends(self, g: GraphEntry, then: GraphEntry | None) -> bool:
+        """True when ``g`` runs on ORT with the shared arena and nothing of its phase follows."""
+        if self.factory.defaults.arena != "shared" or self.engine_of(g) != ORT:
+            return False
+        return then is None or (bool(self.active) and then.name not in self.active)
 
     def run_chain(self, graphs: list[GraphEntry], ctx: dict[str, np.ndarray], then: GraphEntry | None = None) -> None:
         for i, g in enumerate(graphs):
