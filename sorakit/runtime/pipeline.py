@@ -272,6 +272,8 @@ class Pipeline:
         null = np.broadcast_to(self.null_caption[None], (1, *self.null_caption.shape)).astype(np.float32)
         batch_dim = self.tr["prologue"][0].inputs[0].shape[0]
         pairs = isinstance(batch_dim, int)  # static graphs take one prompt (a CFG pair) per call
+        y_spec = next((t for t in self.tr["prologue"][0].inputs if t.name == "y"), None)
+        captions_dynamic = y_spec is not None and not isinstance(y_spec.shape[1], int)  # pass caption_tokens
         fps = np.array([float(self.preset.sampler.fps)], dtype=np.float32)
         hw = np.array([float(height)], dtype=np.float32), np.array([float(width)], dtype=np.float32)
         phase: list[bool | None] = [None]  # the TDTM phase residency was last planned for
@@ -283,6 +285,9 @@ class Pipeline:
             else:
                 y_in = np.concatenate([y[idx], np.repeat(null, k, 0)])
                 mask_in = np.concatenate([y_mask[idx], y_mask[idx]])
+            if captions_dynamic:  # the caption cut to the longest prompt: padding has no weight
+                n = max(1, int(mask_in.sum(axis=1).max()))
+                y_in, mask_in = y_in[:, :n], mask_in[:, :n]
             ctx = {
                 "x": np.ascontiguousarray(z_pair, dtype=np.float32),
                 "timestep": t_pair.astype(np.float32),
