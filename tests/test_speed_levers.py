@@ -318,3 +318,33 @@ def test_fuse_gelu_leaves_other_tanh_patterns_alone():
     np.testing.assert_allclose(y, 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))), atol=1e-6)
     bad, n = fuse(gelu_graph(0.7))
     assert n == 0 and len(bad.graph.node) == 9
+
+
+def test_cpu_passes_compose_with_tdtm_and_int8(tiny_bundle, tmp_path):
+    """The CPU chain of exact passes (text encoder and cross-attention on the prompt's tokens,
+    fused GELU, prune) composes with TDTM and int8 variants: the fp32 video with TDTM steps equals
+    the one of TDTM alone, and the int8 variants of every block carry the rewrites too."""
+    import onnx
+
+    from sorakit.bundle.io import Bundle
+
+    tdtm_only, full = tmp_path / "tdtm", tmp_path / "full"
+    optimize_bundle(tiny_bundle[0], tdtm_only, ["tdtm"], gate_steps=4)
+    optimize_bundle(tiny_bundle[0], full, ["text_tokens", "caption_tokens", "tdtm", "fuse_gelu", "prune", "int8"],
+                    settings={"int8": {"variant": True}}, gates={"int8": 0.5, "tdtm": 0.5}, gate_steps=4)
+    b = Bundle.open(full)
+    assert [p["name"] for p in b.manifest.passes] == ["text_tokens", "caption_tokens", "tdtm", "fuse_gelu", "prune",
+                                                      "int8"]
+    for g in b.manifest.components["transformer"].graphs:
+        if g.role != "block":
+            continue
+        assert set(g.variants) == {"tdtm", "int8", "tdtm+int8"}
+        for e in (g, *g.variants.values()):
+            assert next(t for t in e.inputs if t.name == "y_proj").shape[1] == "text_tokens"
+            assert "FastGelu" in {n.op_type for n in onnx.load(str(b.path(e.file)), load_external_data=False).graph.node}
+    kw = dict(steps=4, seed=5, tdtm_steps=2)
+    ra = Pipeline.from_bundle(tdtm_only, precision="fp32")(PROMPT, **kw)
+    rb = Pipeline.from_bundle(full, precision="fp32")(PROMPT, **kw)
+    np.testing.assert_allclose(rb.latents, ra.latents, atol=1e-4)
+    rc = Pipeline.from_bundle(full, precision="int8")(PROMPT, **kw)
+    assert np.isfinite(rc.latents).all()

@@ -53,7 +53,10 @@ def _constant(g: onnx.GraphProto, name: str, prods, inits) -> tuple[str, np.ndar
 
 
 def make_dynamic(model: onnx.ModelProto, length: int, graph_name: str,
-                 axes: dict[str, tuple[int, ...]] = TOKEN_AXES) -> onnx.ModelProto:
+                 axes: dict[str, tuple[int, ...]] = TOKEN_AXES, cross: bool = False) -> onnx.ModelProto:
+    """The graph with a symbolic token axis. ``cross``: the tokens are another sequence's keys
+    and values (cross-attention), so a MatMul of two token-carrying values (weights x values)
+    contracts the token axis away and what follows is left alone."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -62,9 +65,18 @@ def make_dynamic(model: onnx.ModelProto, length: int, graph_name: str,
     handled: set[str] = set()
     token_source = next((i.name for i in g.input if i.name in ("input_ids", "attention_mask", "inputs_embeds",
                                                                 "hidden", "y")), None)
+    # only values computed from a token-axis input can carry the token count (a Reshape of the
+    # video tokens whose shape holds the same number by coincidence is left alone)
+    reach = {i.name for i in g.input if i.name in axes}
+    for n in g.node:  # graphs are stored in topological order
+        ins = [i for i in n.input if i]
+        if cross and n.op_type in ("MatMul", "FusedMatMul") and all(i in reach for i in ins):
+            continue
+        if any(i in reach for i in ins):
+            reach.update(n.output)
     new_nodes: list[onnx.NodeProto] = []
     for n in list(g.node):
-        if n.op_type == "Reshape":
+        if n.op_type == "Reshape" and any(i in reach for i in n.input):
             c = _constant(g, n.input[1], prods, inits)
             if c is not None and c[1].ndim == 1 and len(c[1]) > 1 and c[1][1] == length:
                 shape = c[1].copy()
@@ -95,9 +107,14 @@ def make_dynamic(model: onnx.ModelProto, length: int, graph_name: str,
                 handled.add(base)
     # anything else still holding the length is a shape this pass does not understand
     for n in g.node:
+        if not any(i in reach for i in n.input):  # the position-bias table is handled above
+            continue
         for i in n.input:
             c = _constant(g, i, prods, inits) if i not in handled else None
             if c is not None and c[1].dtype in (np.int64, np.int32) and c[1].size <= 8 and length in c[1].ravel():
+                if n.op_type == "Reshape" and i == n.input[1] and c[1].ndim == 1 and len(c[1]) > 1 \
+                        and c[1][1] in (-1, 0):
+                    continue  # the token axis is inferred; the other entries are other sizes (heads, ...)
                 if n.op_type in ("Reshape", "Expand", "ConstantOfShape", "Slice", "Tile", "Range"):
                     raise SorakitError(f"{graph_name}: node {n.name} ({n.op_type}) uses the token count {length} in a "
                                        "way this pass cannot rewrite; the graph is left as it was")
@@ -200,7 +217,7 @@ class CaptionTokensPass(GraphPass):
         changes = []
         for e in [entry] + list(entry.variants.values()):
             model = ws.load(e.file)
-            new = make_dynamic(model, length, e.name, CAPTION_AXES)
+            new = make_dynamic(model, length, e.name, CAPTION_AXES, cross=True)
             old = copy.deepcopy(e)
             e.file = new_name(e.file, "captions")
             ws.save(new, e.file)  # the weights stay where they are

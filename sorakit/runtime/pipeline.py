@@ -164,6 +164,10 @@ class Pipeline:
         emb = m.components["text_encoder"].info.get("embedding_file")
         self.embedding = np.load(bundle.path(emb), mmap_mode="r") if emb else None
         self.dynamic_text = dynamic_text
+        y_spec = next((t for t in self.tr["prologue"][0].inputs if t.name == "y"), None)
+        # pass caption_tokens: the transformer reads the prompt's tokens only (set False to feed
+        # it the padded caption, e.g. to measure what the pass saves)
+        self.dynamic_captions = y_spec is not None and not isinstance(y_spec.shape[1], int)
 
     @classmethod
     def from_bundle(
@@ -272,8 +276,7 @@ class Pipeline:
         null = np.broadcast_to(self.null_caption[None], (1, *self.null_caption.shape)).astype(np.float32)
         batch_dim = self.tr["prologue"][0].inputs[0].shape[0]
         pairs = isinstance(batch_dim, int)  # static graphs take one prompt (a CFG pair) per call
-        y_spec = next((t for t in self.tr["prologue"][0].inputs if t.name == "y"), None)
-        captions_dynamic = y_spec is not None and not isinstance(y_spec.shape[1], int)  # pass caption_tokens
+        captions_dynamic = self.dynamic_captions
         fps = np.array([float(self.preset.sampler.fps)], dtype=np.float32)
         hw = np.array([float(height)], dtype=np.float32), np.array([float(width)], dtype=np.float32)
         phase: list[bool | None] = [None]  # the TDTM phase residency was last planned for
