@@ -214,8 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         ordered = {n: rows[n] for n in order}
         from sorakit.units import parse_bytes
 
+        this = "python -m benchmarks.e2e_real " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        # a re-run of some rows merges into the result: every command that measured a row is kept
+        earlier = old.get("commands") or ([old["command"]] if old.get("command") else [])
         result = {
-            "command": "python -m benchmarks.e2e_real " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+            "command": this,
+            "commands": [c for c in earlier if c != this] + [this] if args.rows else [this],
             "bundle": args.bundle, "geometry": f"{geometry[0]}x{geometry[1]}, {geometry[2]} frames",
             "prompt": args.prompt, "steps": args.steps, "threads": args.threads,
             "rounds": max([len(r.get("rounds_total_s", [])) for r in ordered.values()] or [args.rounds]),
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if "best-3.3GB" in ordered:
             result["best_3_3gb_peak_rss_bytes"] = ordered["best-3.3GB"]["peak_rss_bytes"]
         path.write_text(json.dumps(result, indent=1))
-        (args.out / f"{args.name}.md").write_text(markdown(result, result["command"]))
+        (args.out / f"{args.name}.md").write_text(markdown(result, "`, then `".join(result["commands"])))
         chart(result, args.out / f"{args.name}.png")
 
     rounds_s: dict[str, list[float]] = {k: list(v.get("rounds_total_s", [])) for k, v in rows.items()}

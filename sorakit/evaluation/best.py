@@ -17,7 +17,7 @@ BEST = {
     # settings below need
     "passes": ["tdtm", "text_tokens", "caption_tokens", "fuse_gelu", "int8"],
     "pass_settings": {"int8": {"variant": True}},
-    "lpl": "15",  # 15 steps, then the leap (16 transformer calls of 30)
+    "lpl": "10",  # 10 steps, then the leap (11 transformer calls of 30)
     "tdtm_steps": 5,  # merged frames (block scope) for the first 5 steps
     "step_cache": 0.1,  # reuse the blocks' residual while their input barely changes
 }
