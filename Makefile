@@ -17,7 +17,7 @@ bench:
 
 # the real-size end-to-end benchmark (docs/benchmarks.md, "End to end at real size"); REAL_BUNDLE
 # is an Open-Sora 1.2 bundle optimised as benchmarks/e2e_real.py's docstring says (24 GB, ~1 h)
-REAL_BUNDLE ?= ../real/os12-144x256-opt
+REAL_BUNDLE ?= ../real/os12-144x256-opt2
 bench-real:
 	.venv/bin/python -m benchmarks.e2e_real --bundle $(REAL_BUNDLE) --out docs/benchmarks
 

@@ -10,8 +10,9 @@ their fastest round; the other rows run once. ``--rows`` re-runs a subset and me
 an existing result.
 
 The bundle must carry what the rows use: ``sorakit optimize BUNDLE --passes tdtm --tdtm-scope block
---device cpu-bf16 --out OPT`` adds the TDTM variants, the text encoder on the prompt's tokens and
-int8 variants beside the fp32 graphs; the ``openvino`` extra must be installed for the OpenVINO rows.
+--device cpu-bf16 --out OPT`` adds the TDTM variants, the text encoder and the cross-attention on
+the prompt's tokens, the fused GELUs and int8 variants beside the fp32 graphs; the ``openvino``
+extra must be installed for the OpenVINO rows.
 
 The torch rows are sorakit's torch reference (key-for-key Open-Sora 1.2) with the components
 loaded in turn; making their random weights is timed apart and left out (``init_excluded``):
@@ -41,8 +42,10 @@ def row_specs(bundle: str, prompt: str, steps: int, threads: int, leap: int, tdt
     torch_row = {"in_turn": True, "preset": preset, "steps": steps, "prompt": prompt, "tokenizer": tokenizer,
                  "geometry": geometry, "threads": threads}
     base = {"bundle": bundle, "prompt": prompt, "steps": steps, "threads": threads, "warmup": False,
-            "count_open": True, "device": "cpu", "precision": "fp32", "text_tokens": False}
-    best = {**base, "device": "cpu-bf16", "precision": None, "text_tokens": True, "lpl": str(leap),
+            "count_open": True, "device": "cpu", "precision": "fp32", "text_tokens": False,
+            "caption_tokens": False}
+    best = {**base, "device": "cpu-bf16", "precision": None, "text_tokens": True, "caption_tokens": True,
+            "lpl": str(leap),
             "tdtm_steps": tdtm_steps, **({"step_cache": cache} if cache else {})}
     row = "sorakit.evaluation.row"
     return {
@@ -53,6 +56,7 @@ def row_specs(bundle: str, prompt: str, steps: int, threads: int, leap: int, tdt
         "+tdtm": (row, {**base, "tdtm_steps": tdtm_steps}),
         "+int8": (row, {**base, "precision": "int8"}),
         "+text-tokens": (row, {**base, "text_tokens": True}),
+        "+caption-tokens": (row, {**base, "caption_tokens": True}),
         "+openvino-bf16": (row, {**base, "device": "cpu-bf16", "precision": "bf16"}),
         "+step-cache": (row, {**base, "step_cache": cache}) if cache else None,
         "+ci-dl-3.3GB": (row, {**base, "memory_budget": BUDGET}),
@@ -210,8 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         ordered = {n: rows[n] for n in order}
         from sorakit.units import parse_bytes
 
+        this = "python -m benchmarks.e2e_real " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        # a re-run of some rows merges into the result: every command that measured a row is kept
+        earlier = old.get("commands") or ([old["command"]] if old.get("command") else [])
         result = {
-            "command": "python -m benchmarks.e2e_real " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+            "command": this,
+            "commands": [c for c in earlier if c != this] + [this] if args.rows else [this],
             "bundle": args.bundle, "geometry": f"{geometry[0]}x{geometry[1]}, {geometry[2]} frames",
             "prompt": args.prompt, "steps": args.steps, "threads": args.threads,
             "rounds": max([len(r.get("rounds_total_s", [])) for r in ordered.values()] or [args.rounds]),
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if "best-3.3GB" in ordered:
             result["best_3_3gb_peak_rss_bytes"] = ordered["best-3.3GB"]["peak_rss_bytes"]
         path.write_text(json.dumps(result, indent=1))
-        (args.out / f"{args.name}.md").write_text(markdown(result, result["command"]))
+        (args.out / f"{args.name}.md").write_text(markdown(result, "`, then `".join(result["commands"])))
         chart(result, args.out / f"{args.name}.png")
 
     rounds_s: dict[str, list[float]] = {k: list(v.get("rounds_total_s", [])) for k, v in rows.items()}

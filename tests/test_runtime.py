@@ -293,3 +293,73 @@ def test_cpu_fallback_is_reported(tiny_bundle):
     pipe = Pipeline.from_bundle(tiny_bundle[0], device="iphone-15-pro")
     r = pipe("a red circle", steps=1)
     assert any("CoreMLExecutionProvider is not available" in n for n in r.notes)
+
+
+def _big_intermediate_graph(path, n: int) -> None:
+    """x [n] -> sum(x * 2): the product is an n-float intermediate that comes from the arena."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    two = helper.make_tensor("two", TensorProto.FLOAT, [1], [2.0])
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"]), helper.make_node("ReduceSum", ["y"], ["z"], keepdims=0)],
+        "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [])], initializer=[two])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_shared_arena_keeps_activations_between_runs_and_hands_them_back_on_shrink(tmp_path):
+    """The pipeline's sessions share one CPU arena: a run's activation memory stays for the next
+    session (no fresh pages at every run), and a run with the shrink options returns it."""
+    from sorakit.profiles import get_profile
+    from sorakit.runtime.session import SessionFactory, SessionOptions, plan_providers, shrink_arena_options
+
+    n = 48 << 20  # 192 MB intermediate
+    path = tmp_path / "big.onnx"
+    _big_intermediate_graph(path, n)
+    factory = SessionFactory(plan_providers(get_profile("cpu")), SessionOptions(threads=1, arena="shared"))
+    opts = factory.options().ort_options
+    assert opts.get_session_config_entry("session.use_env_allocators") == "1"
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    a, b = factory.create(path, factory.options()), factory.create(path, factory.options())
+    x = np.ones(n, dtype=np.float32)
+    a.run(None, {"x": x})
+    held = rss_bytes()
+    b.run(None, {"x": x})  # the second session reuses the arena's memory
+    assert rss_bytes() - held < (n * 4) // 4, "the second session did not reuse the shared arena"
+    (z,) = b.run(None, {"x": x}, shrink_arena_options())
+    assert float(z) == 2.0 * n
+    assert held - rss_bytes() > (n * 4) // 2, "the shrink options did not hand the arena's memory back"
+
+
+def test_arena_is_shrunk_once_per_phase_and_one_shot_graphs_skip_prepacking(tiny_bundle, monkeypatch):
+    """A generation shrinks the shared arena when the text encoder, the denoising and the
+    decoding end (and nowhere else); graphs that run once in the call are built without weight
+    prepacking, graphs that run at every step with it; the frames equal a run without the arena."""
+    from sorakit.runtime import scheduler as sched_mod
+
+    shrinks = []
+    real = sched_mod.shrink_arena_options
+
+    def counting():
+        shrinks.append(1)
+        return real()
+
+    monkeypatch.setattr(sched_mod, "shrink_arena_options", counting)
+    pipe = Pipeline.from_bundle(tiny_bundle[0])
+    assert pipe.factory.defaults.arena == "shared"
+    got = pipe("a red circle", seed=1, steps=3)
+    assert len(shrinks) == 3  # text encoder, denoising, decoding
+    s = pipe.scheduler
+    once = [g for g in pipe.vae_temporal if s.usage.get(g.name) == 1]  # one chunk: runs once
+    assert once
+    for g in once:
+        assert s.load_options(g).ort_options.get_session_config_entry("session.disable_prepacking") == "1"
+    pipe._plan_denoise(1, 0, 3, 0)
+    block = pipe._step_chain(False)[1]
+    opts = s.load_options(block)
+    assert opts is None or opts.ort_options.get_session_config_entry("session.disable_prepacking") != "1"
+    plain = Pipeline.from_bundle(tiny_bundle[0])
+    plain.factory.defaults.arena = "off"
+    want = plain("a red circle", seed=1, steps=3)
+    np.testing.assert_array_equal(got.latents, want.latents)

@@ -32,11 +32,45 @@ def shipped(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def levers_bundle(shipped, tmp_path_factory) -> Path:
-    """The shipped bundle with the CPU levers: text encoder on the prompt's tokens, int8 variants."""
+    """The shipped bundle with the CPU levers: text encoder and cross-attention on the prompt's
+    tokens, int8 variants."""
     out = tmp_path_factory.mktemp("bundles") / "levers"
-    optimize_bundle(shipped, out, ["text_tokens", "int8"], settings={"int8": {"variant": True}},
+    optimize_bundle(shipped, out, ["text_tokens", "caption_tokens", "int8"], settings={"int8": {"variant": True}},
                     gates={"int8": 0.9}, gate_steps=10)
     return out
+
+
+def test_caption_tokens_is_exact_and_feeds_the_transformer_the_prompts_tokens(shipped, levers_bundle):
+    """The transformer's caption axis is dynamic in the prologue, every block and every variant;
+    a generation feeds it the prompt's tokens only (a batch: the longest prompt's) and computes
+    the video of the padded caption (fp32), also with guidance and with a batch of prompts."""
+    from sorakit.bundle.io import Bundle
+
+    tr = Bundle.open(levers_bundle).manifest.components["transformer"].graphs
+    for g in tr:
+        for e in [g, *g.variants.values()]:
+            for t in e.inputs:
+                if t.name in ("y", "y_mask", "y_proj"):
+                    assert t.shape[1] == "text_tokens", (e.name, t.name)
+    record = next(p for p in Bundle.open(levers_bundle).manifest.passes if p["name"] == "caption_tokens")
+    assert all(g["max_abs_err"] < 1e-5 for g in record["graphs"])
+    a = Pipeline.from_bundle(shipped, precision="fp32")
+    b = Pipeline.from_bundle(levers_bundle, precision="fp32")
+    seen = []
+    run = b.scheduler.run_chain
+
+    def spy(chain, ctx, then=None):
+        if "y" in ctx:
+            seen.append((ctx["y"].shape[1], ctx["y_mask"].shape[1], int(ctx["y_mask"].sum(axis=1).max())))
+        return run(chain, ctx, then)
+
+    b.scheduler.run_chain = spy
+    prompts = [PROMPT, "a big blue square"]
+    ra, rb = a(prompts, steps=5, seed=2, cfg=4.0), b(prompts, steps=5, seed=2, cfg=4.0)
+    full = a.manifest.tokenizer["max_length"]
+    assert seen and all(n == m == longest < full for n, m, longest in seen), seen
+    np.testing.assert_allclose(rb.latents, ra.latents, atol=1e-4)
+    assert np.abs(rb.frames.astype(int) - ra.frames.astype(int)).max() <= 1
 
 
 def test_text_tokens_is_exact_and_runs_on_the_prompts_tokens(shipped, levers_bundle):
@@ -226,3 +260,91 @@ def test_plan_without_a_budget_leaves_out_what_the_machine_cannot_hold(levers_bu
     tight = plan_mod.make_plan(Bundle.open(levers_bundle), pipe.providers, None)
     assert tight.choice("transformer").tag == "int8"
     assert tight.components["transformer"].resident_bytes < tr
+
+
+def test_fuse_gelu_is_exact_and_refused_after_precision_passes(shipped, tmp_path):
+    """Every block's tanh GELUs become FastGelu nodes (the nine element-wise nodes each gone);
+    the video equals the unfused bundle's (fp32); after int8 the pass is refused, naming why."""
+    import onnx
+
+    from sorakit.bundle.io import Bundle
+
+    out = tmp_path / "gelu"
+    optimize_bundle(shipped, out, ["fuse_gelu"])
+    b = Bundle.open(out)
+    record = next(p for p in b.manifest.passes if p["name"] == "fuse_gelu")
+    blocks = [g for g in b.manifest.components["transformer"].graphs if g.role == "block"]
+    graphs = [e for g in blocks for e in (g, *g.variants.values())]  # the TDTM variants too
+    assert len(record["graphs"]) == len(graphs) > 0
+    assert all(g["max_abs_err"] < 1e-4 for g in record["graphs"]), [g["max_abs_err"] for g in record["graphs"]]
+    for g in graphs:
+        ops = [n.op_type for n in onnx.load(str(b.path(g.file)), load_external_data=False).graph.node]
+        assert ops.count("FastGelu") == 2 and "Tanh" not in ops  # the spatial and the temporal MLP
+    ra = Pipeline.from_bundle(shipped, precision="fp32")(PROMPT, steps=5, seed=4)
+    rb = Pipeline.from_bundle(out, precision="fp32")(PROMPT, steps=5, seed=4)
+    np.testing.assert_allclose(rb.latents, ra.latents, atol=1e-4)
+    int8 = tmp_path / "int8"
+    optimize_bundle(shipped, int8, ["int8"], gates={"int8": 0.5}, gate_steps=4)
+    with pytest.raises(SorakitError, match="'fuse_gelu' must run before int8"):
+        optimize_bundle(int8, tmp_path / "late", ["fuse_gelu"])
+
+
+def test_fuse_gelu_leaves_other_tanh_patterns_alone():
+    """A Tanh that is not a GELU (wrong constant) is not fused."""
+    import math
+
+    from onnx import TensorProto, helper
+
+    from sorakit.graph_passes.fuse_gelu import fuse
+
+    def gelu_graph(c1: float):
+        k = lambda n, v: helper.make_tensor(n, TensorProto.FLOAT, [], [v])  # noqa: E731
+        nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]), helper.make_node("Mul", ["x", "sq"], ["cube"]),
+                 helper.make_node("Mul", ["cube", "c0"], ["a"]), helper.make_node("Add", ["x", "a"], ["b"]),
+                 helper.make_node("Mul", ["b", "c1"], ["c"]), helper.make_node("Tanh", ["c"], ["t"]),
+                 helper.make_node("Add", ["t", "one"], ["u"]), helper.make_node("Mul", ["x", "u"], ["v"]),
+                 helper.make_node("Mul", ["v", "half"], ["y"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])],
+                              initializer=[k("c0", 0.044715), k("c1", c1), k("one", 1.0), k("half", 0.5)])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    import onnxruntime as ort
+
+    good, n = fuse(gelu_graph(math.sqrt(2 / math.pi)))
+    assert n == 1 and [x.op_type for x in good.graph.node] == ["FastGelu"]
+    x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    (y,) = ort.InferenceSession(good.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))), atol=1e-6)
+    bad, n = fuse(gelu_graph(0.7))
+    assert n == 0 and len(bad.graph.node) == 9
+
+
+def test_cpu_passes_compose_with_tdtm_and_int8(tiny_bundle, tmp_path):
+    """The CPU chain of exact passes (text encoder and cross-attention on the prompt's tokens,
+    fused GELU, prune) composes with TDTM and int8 variants: the fp32 video with TDTM steps equals
+    the one of TDTM alone, and the int8 variants of every block carry the rewrites too."""
+    import onnx
+
+    from sorakit.bundle.io import Bundle
+
+    tdtm_only, full = tmp_path / "tdtm", tmp_path / "full"
+    optimize_bundle(tiny_bundle[0], tdtm_only, ["tdtm"], gate_steps=4)
+    optimize_bundle(tiny_bundle[0], full, ["text_tokens", "caption_tokens", "tdtm", "fuse_gelu", "prune", "int8"],
+                    settings={"int8": {"variant": True}}, gates={"int8": 0.5, "tdtm": 0.5}, gate_steps=4)
+    b = Bundle.open(full)
+    assert [p["name"] for p in b.manifest.passes] == ["text_tokens", "caption_tokens", "tdtm", "fuse_gelu", "prune",
+                                                      "int8"]
+    for g in b.manifest.components["transformer"].graphs:
+        if g.role != "block":
+            continue
+        assert set(g.variants) == {"tdtm", "int8", "tdtm+int8"}
+        for e in (g, *g.variants.values()):
+            assert next(t for t in e.inputs if t.name == "y_proj").shape[1] == "text_tokens"
+            assert "FastGelu" in {n.op_type for n in onnx.load(str(b.path(e.file)), load_external_data=False).graph.node}
+    kw = dict(steps=4, seed=5, tdtm_steps=2)
+    ra = Pipeline.from_bundle(tdtm_only, precision="fp32")(PROMPT, **kw)
+    rb = Pipeline.from_bundle(full, precision="fp32")(PROMPT, **kw)
+    np.testing.assert_allclose(rb.latents, ra.latents, atol=1e-4)
+    rc = Pipeline.from_bundle(full, precision="int8")(PROMPT, **kw)
+    assert np.isfinite(rc.latents).all()

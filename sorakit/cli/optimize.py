@@ -17,8 +17,9 @@ from sorakit.units import human_bytes
 def optimize(
     bundle: BundleArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to write (the input is not modified)")],
-    passes: Annotated[str | None, typer.Option(help="Comma-separated: pin, tdtm, prune, fold_pad, conv3d_to_2d, "
-                                                    "split_dims, t5_embed_outside, simplify, fp16, int8")] = None,
+    passes: Annotated[str | None, typer.Option(help="Comma-separated: pin, text_tokens, caption_tokens, tdtm, "
+                                                    "fuse_gelu, prune, fold_pad, conv3d_to_2d, split_dims, "
+                                                    "t5_embed_outside, simplify, fp16, int8 (docs/graph-passes.md)")] = None,
     device: Annotated[str | None, typer.Option(help="Apply a device profile's passes (e.g. iphone-15-pro)")] = None,
     resolution: Annotated[str | None, typer.Option(help="pin: HEIGHTxWIDTH")] = None,
     frames: Annotated[int | None, typer.Option(help="pin: frame count")] = None,
@@ -63,13 +64,6 @@ def optimize(
                           highlight=False)
         return
     names = plan.apply
-    gates = {}
-    for g in gate or []:
-        key, _, val = g.partition("=")
-        try:
-            gates[key.strip()] = float(val)
-        except ValueError:
-            raise SorakitError(f"--gate expects NAME=MIN_SSIM, got {g!r}") from None
     settings = {**plan.settings,
                 "tdtm": {"positions": tdtm_positions, "scope": tdtm_scope, **plan.settings.get("tdtm", {})},
                 "fp16": {"islands": fp16_islands, **plan.settings.get("fp16", {})}}

@@ -131,7 +131,9 @@ def run_bench(bundle: str | Path, settings: BenchSettings, work: Path | None = N
         "int8": {"bundle": str(bundles["tdtm_int8"])},
         # every technique at once, as sorakit runs them by default: CI-DL at the device's budget
         # (it streams only what does not fit), the plan's engine and precision per component
-        "all": {"bundle": str(bundles["best"]), "device": BEST["device"], "lpl": str(s.leap_at),
+        "all": {"bundle": str(bundles["best"]), "device": BEST["device"],
+                # the best settings' leap where it fits the run's steps, else the bench's own
+                "lpl": BEST["lpl"] if BEST["lpl"].isdigit() and int(BEST["lpl"]) < s.steps else str(s.leap_at),
                 "tdtm_steps": min(s.tdtm_steps, BEST["tdtm_steps"]), "step_cache": BEST["step_cache"],
                 "memory_budget": None},
     }

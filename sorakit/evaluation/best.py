@@ -12,11 +12,12 @@ BUDGET = "3.3GB"  # the iPhone 15 Pro's usable memory in the On-device Sora pape
 
 BEST = {
     "device": "cpu-bf16",  # OpenVINO bf16 where memory allows, ONNX Runtime int8 where not
-    # the transformer's TDTM variants (block scope, the pass's default), the text encoder on the
-    # prompt's tokens, int8 beside fp32: every pass the settings below need
-    "passes": ["tdtm", "text_tokens", "int8"],
+    # the transformer's TDTM variants (block scope, the pass's default), the text encoder and the
+    # cross-attention on the prompt's tokens, the GELUs fused, int8 beside fp32: every pass the
+    # settings below need
+    "passes": ["tdtm", "text_tokens", "caption_tokens", "fuse_gelu", "int8"],
     "pass_settings": {"int8": {"variant": True}},
-    "lpl": "15",  # 15 steps, then the leap (16 transformer calls of 30)
+    "lpl": "10",  # 10 steps, then the leap (11 transformer calls of 30)
     "tdtm_steps": 5,  # merged frames (block scope) for the first 5 steps
     "step_cache": 0.1,  # reuse the blocks' residual while their input barely changes
 }

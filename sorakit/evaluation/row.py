@@ -31,6 +31,8 @@ def run_row(spec: dict) -> dict:
     open_s = time.perf_counter() - t_open
     if spec.get("text_tokens") is False:  # run a dynamic text encoder at the full padded length
         pipe.dynamic_text = False
+    if spec.get("caption_tokens") is False:  # feed a dynamic transformer the padded caption
+        pipe.dynamic_captions = False
     kw = dict(steps=spec["steps"], cfg=spec.get("cfg"), seed=spec.get("seed", 0), lpl=spec.get("lpl"),
               tdtm_steps=spec.get("tdtm_steps", 0))
     if spec.get("step_cache"):

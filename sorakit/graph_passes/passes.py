@@ -404,7 +404,10 @@ class Int8Pass(_PrecisionPass):
             try:
                 quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                                  per_channel=bool(self._settings.get("per_channel", False)),
-                                 use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+                                 use_external_data_format=True,
+                                 # DefaultTensorType: types behind contrib ops (FastGelu) that
+                                 # ONNX shape inference cannot see are float
+                                 extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
             finally:
                 root.setLevel(level)
             return onnx.load(str(dst), load_external_data=True)

@@ -42,6 +42,7 @@ def register(cls: type[GraphPass]) -> type[GraphPass]:
 
 def _load() -> dict[str, type[GraphPass]]:
     import sorakit.graph_passes.coreml  # noqa: F401 - registers the Core ML passes
+    import sorakit.graph_passes.fuse_gelu  # noqa: F401
     import sorakit.graph_passes.passes  # noqa: F401 - registers the built-in passes
     import sorakit.graph_passes.text_tokens  # noqa: F401
 
