@@ -136,6 +136,12 @@ def make_dynamic(model: onnx.ModelProto, length: int, graph_name: str,
     return m
 
 
+def _symbolic(t: TensorSpec, axes: dict[str, tuple[int, ...]]) -> TensorSpec:
+    """The manifest's spec of a tensor whose token axes became ``DIM``."""
+    shape = [DIM if i in axes.get(t.name, ()) else d for i, d in enumerate(t.shape)]
+    return TensorSpec(t.name, shape, t.dtype, t.binds)
+
+
 @register
 class TextTokensPass(GraphPass):
     """Run the text encoder on the prompt's tokens (exact; CPU and other dynamic-shape devices)."""
@@ -167,13 +173,8 @@ class TextTokensPass(GraphPass):
         rel = new_name(entry.file, "tokens")
         ws.save(new, rel)  # the weights stay where they are
         entry.file = rel
-
-        def spec(t: TensorSpec) -> TensorSpec:
-            shape = [DIM if i in TOKEN_AXES.get(t.name, ()) else d for i, d in enumerate(t.shape)]
-            return TensorSpec(t.name, shape, t.dtype, t.binds)
-
-        entry.inputs = [spec(t) for t in entry.inputs]
-        entry.outputs = [spec(t) for t in entry.outputs]
+        entry.inputs = [_symbolic(t, TOKEN_AXES) for t in entry.inputs]
+        entry.outputs = [_symbolic(t, TOKEN_AXES) for t in entry.outputs]
         entry.info = {**entry.info, "flops_at": {"text_tokens": length}}
         return [GraphChange(entry.name, len(model.graph.node), len(new.graph.node), ws.size(old), ws.size(entry),
                             note=f"token axis {length} -> {DIM}", replaced=old)]
@@ -187,8 +188,8 @@ class CaptionTokensPass(GraphPass):
     softmax, so their weight is exactly 0 in float32: the prompt's tokens alone give the same
     output, which is what the reference model computes too (it packs the valid tokens of every
     prompt before cross-attention). At real size with a 20-token prompt a block's key/value
-    projections and cross-attention shrink 15x (an fp32 block pair runs ~17 % faster, outputs
-    within 1.5e-6). The prologue's caption Reshapes get 0 ("as the input") on the token axis;
+    projections and cross-attention shrink 15x (an fp32 block's outputs within 1.5e-6 of the
+    padded run; the speed is in docs/benchmarks.md). The prologue's caption Reshapes get 0 ("as the input") on the token axis;
     the caption inputs and outputs of the prologue and of every block (and their variants) get
     the symbolic ``text_tokens`` axis. The pipeline then feeds the caption cut to the longest
     prompt of the call.
@@ -221,13 +222,8 @@ class CaptionTokensPass(GraphPass):
             old = copy.deepcopy(e)
             e.file = new_name(e.file, "captions")
             ws.save(new, e.file)  # the weights stay where they are
-
-            def spec(t: TensorSpec) -> TensorSpec:
-                shape = [DIM if i in CAPTION_AXES.get(t.name, ()) else d for i, d in enumerate(t.shape)]
-                return TensorSpec(t.name, shape, t.dtype, t.binds)
-
-            e.inputs = [spec(t) for t in e.inputs]
-            e.outputs = [spec(t) for t in e.outputs]
+            e.inputs = [_symbolic(t, CAPTION_AXES) for t in e.inputs]
+            e.outputs = [_symbolic(t, CAPTION_AXES) for t in e.outputs]
             changes.append(GraphChange(e.name, len(model.graph.node), len(new.graph.node), ws.size(old), ws.size(e),
                                        note=f"caption axis {length} -> {DIM}", replaced=old))
         return changes
